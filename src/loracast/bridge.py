@@ -1,0 +1,296 @@
+"""A bridge: everything learned for one (source, target) pair, independent of any adapter.
+
+For each source site the bridge holds the matched target anchor, an encoder from the anchor's
+input space to the site's input space, a decoder from the site's output space to the anchor's
+output space, and the site's base weight (used by nonlinear decoders to carry a change).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from loracast.architectures import (
+    Site,
+    anchor_for,
+    num_layers,
+    parse_site,
+    relative_depth_layer_map,
+)
+from loracast.capture import Recording, record_pair
+from loracast.fit import HeadFitConfig, fit_head
+from loracast.heads import Head
+from loracast.serialization import FORMAT_VERSION, provenance, read_folder, write_folder
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_CONFIG = "bridge.json"
+BRIDGE_WEIGHTS = "bridge.safetensors"
+LAYER_MAPS = ("relative-depth",)
+
+
+@dataclass
+class BridgeConfig:
+    """Settings for recording the corpus and fitting a bridge.
+
+    Attributes:
+        layer_map: how source layers map to target layers (``relative-depth``).
+        max_tokens: source tokens read per corpus passage.
+        batch_size: passages per forward pass while recording.
+        max_positions: aligned positions recorded at most.
+        validation_fraction: share of passages held out to choose penalties and report R².
+        head: settings for every encoder and decoder.
+        seed: seed of the train/validation split.
+    """
+
+    layer_map: str = "relative-depth"
+    max_tokens: int = 128
+    batch_size: int = 8
+    max_positions: int = 16000
+    validation_fraction: float = 0.1
+    head: HeadFitConfig = field(default_factory=HeadFitConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layer_map not in LAYER_MAPS:
+            raise ValueError(f"layer_map must be one of {LAYER_MAPS}, got {self.layer_map!r}")
+        if not 0.0 < self.validation_fraction < 0.5:
+            raise ValueError(
+                f"validation_fraction must be in (0, 0.5), got {self.validation_fraction}"
+            )
+        for name in ("max_tokens", "batch_size", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.head, dict):
+            self.head = HeadFitConfig(**self.head)
+
+
+@dataclass
+class SiteHeads:
+    """The learned maps of one site."""
+
+    site: Site
+    anchor: Site
+    encoder: Head
+    decoder: Head
+    source_weight: torch.Tensor  # (d_out_source, d_in_source)
+    source_bias: torch.Tensor | None
+    metrics: dict
+
+
+def model_identity(loaded) -> dict:
+    """Return the identity recorded for a model: name, fingerprints and layer count."""
+    return {
+        "name": loaded.name,
+        "model_type": loaded.model.config.model_type,
+        "fingerprint": loaded.fingerprint,
+        "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+        "num_layers": num_layers(loaded.model),
+    }
+
+
+@dataclass
+class Bridge:
+    """Heads for a set of source sites, fitted for one (source, target) pair."""
+
+    source: dict
+    target: dict
+    layer_map: list[int]
+    sites: dict[Site, SiteHeads]
+    config: dict
+    stats: dict = field(default_factory=dict)
+
+    def covers(self, sites: Sequence[Site]) -> list[Site]:
+        """Return the given sites that this bridge has no heads for."""
+        return [site for site in sites if site not in self.sites]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flatten every site's heads and base weight into named tensors."""
+        tensors = {}
+        for site, heads in self.sites.items():
+            prefix = f"{site.name}."
+            for key, value in heads.encoder.state_dict().items():
+                tensors[prefix + "encoder." + key] = value
+            for key, value in heads.decoder.state_dict().items():
+                tensors[prefix + "decoder." + key] = value
+            tensors[prefix + "source_weight"] = heads.source_weight
+            if heads.source_bias is not None:
+                tensors[prefix + "source_bias"] = heads.source_bias
+        return tensors
+
+    def site_records(self) -> list[dict]:
+        """Return the JSON description of every site: anchor, head shapes and fit metrics."""
+        return [
+            {
+                "site": site.name,
+                "anchor": heads.anchor.name,
+                "encoder": heads.encoder.shape_dict(),
+                "decoder": heads.decoder.shape_dict(),
+                "metrics": heads.metrics,
+            }
+            for site, heads in self.sites.items()
+        ]
+
+    def describe(self) -> dict:
+        """Return the JSON-ready description of the bridge (everything but tensors)."""
+        return {
+            "source": self.source,
+            "target": self.target,
+            "layer_map": self.layer_map,
+            "sites": self.site_records(),
+            "bridge_config": self.config,
+            "stats": self.stats,
+        }
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Save as ``bridge.json`` + ``bridge.safetensors``, atomically."""
+        config = {"kind": "bridge", "format_version": FORMAT_VERSION, **self.describe(),
+                  "provenance": provenance()}
+        return write_folder(folder, BRIDGE_CONFIG, config, BRIDGE_WEIGHTS, self.tensors(),
+                            overwrite=overwrite)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Bridge:
+        """Load a bridge saved with ``save``."""
+        config, tensors = read_folder(folder, BRIDGE_CONFIG, BRIDGE_WEIGHTS, "bridge")
+        return bridge_from_config(config, tensors)
+
+
+def bridge_from_config(config: dict, tensors: dict[str, torch.Tensor]) -> Bridge:
+    """Rebuild a bridge from its saved description and tensors."""
+    sites = {}
+    for record in config["sites"]:
+        site, anchor = parse_site(record["site"]), parse_site(record["anchor"])
+        prefix = f"{site.name}."
+        encoder = _load_head(record["encoder"], tensors, prefix + "encoder.")
+        decoder = _load_head(record["decoder"], tensors, prefix + "decoder.")
+        sites[site] = SiteHeads(
+            site=site,
+            anchor=anchor,
+            encoder=encoder,
+            decoder=decoder,
+            source_weight=tensors[prefix + "source_weight"],
+            source_bias=tensors.get(prefix + "source_bias"),
+            metrics=record.get("metrics", {}),
+        )
+    return Bridge(
+        source=config["source"],
+        target=config["target"],
+        layer_map=list(config["layer_map"]),
+        sites=sites,
+        config=config.get("bridge_config", {}),
+        stats=config.get("stats", {}),
+    )
+
+
+def _load_head(shape: dict, tensors: dict[str, torch.Tensor], prefix: str) -> Head:
+    head = Head(int(shape["d_in"]), int(shape["d_out"]), int(shape.get("mlp_hidden", 0)))
+    state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    head.load_state_dict(state, strict=True)
+    head.requires_grad_(False)
+    return head
+
+
+def _split_by_text(recording: Recording, fraction: float, seed: int):
+    text_ids = recording.text_ids
+    unique = torch.unique(text_ids)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = unique[torch.randperm(len(unique), generator=generator)]
+    n_val = max(1, int(round(len(unique) * fraction)))
+    val_texts = shuffled[:n_val]
+    is_val = torch.isin(text_ids, val_texts)
+    if is_val.all() or not is_val.any():
+        raise ValueError(
+            f"the corpus yielded {len(unique)} usable passages; at least 2 are needed to hold "
+            "some out for validation"
+        )
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+def fit_bridge(
+    source,
+    target,
+    corpus: Sequence[str],
+    sites: Sequence[Site],
+    config: BridgeConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> Bridge:
+    """Record both models on a general corpus and fit encoder and decoder heads per site.
+
+    Args:
+        source, target: ``LoadedModel`` objects.
+        corpus: general-text passages (no task data).
+        sites: source sites to build heads for (for example every site of an adapter).
+        config: recording and fitting settings.
+        show_progress: show progress bars.
+
+    Returns:
+        The fitted bridge, with per-site held-out R² in each ``SiteHeads.metrics`` and wall times
+        in ``stats``.
+
+    Raises:
+        ValueError: a site's module has no matching role in the target, or the corpus is too
+            small.
+    """
+    config = config or BridgeConfig()
+    layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
+    anchors = {site: anchor_for(source.model, target.model, site, layer_map) for site in sites}
+    site_names = sorted({site.name for site in sites})
+    anchor_names = sorted({anchor.name for anchor in anchors.values()})
+
+    started = time.perf_counter()
+    recording = record_pair(
+        source, target, corpus, site_names, anchor_names,
+        max_tokens=config.max_tokens, batch_size=config.batch_size,
+        max_positions=config.max_positions, show_progress=show_progress,
+    )
+    record_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    train, val = _split_by_text(recording, config.validation_fraction, config.seed)
+    fitted = {}
+    for site in tqdm(list(sites), desc="fitting heads", disable=not show_progress):
+        fitted[site] = _fit_site(source, recording, site, anchors[site], train, val, config.head)
+    fit_seconds = time.perf_counter() - started
+
+    stats = {**recording.stats, "train_positions": len(train), "validation_positions": len(val),
+             "record_seconds": round(record_seconds, 2), "fit_seconds": round(fit_seconds, 2)}
+    return Bridge(
+        source=model_identity(source),
+        target=model_identity(target),
+        layer_map=layer_map,
+        sites=fitted,
+        config=asdict(config),
+        stats=stats,
+    )
+
+
+def _fit_site(source, recording, site, anchor, train, val, head_config) -> SiteHeads:
+    site_data = recording.source[site.name]
+    anchor_data = recording.target[anchor.name]
+    x_t, x_s = anchor_data["input"], site_data["input"]
+    y_s, y_t = site_data["output"], anchor_data["output"]
+    encoder, encoder_metrics = fit_head(x_t[train], x_s[train], x_t[val], x_s[val], head_config)
+    decoder, decoder_metrics = fit_head(y_s[train], y_t[train], y_s[val], y_t[val], head_config)
+    module = source.model.get_submodule(site.name)
+    bias = module.bias.detach().float().cpu().clone() if module.bias is not None else None
+    metrics = {f"encoder_{key}": value for key, value in encoder_metrics.items()}
+    metrics.update({f"decoder_{key}": value for key, value in decoder_metrics.items()})
+    logger.info("%s -> %s: encoder R2 %.3f, decoder R2 %.3f", site.name, anchor.name,
+                metrics["encoder_r2"], metrics["decoder_r2"])
+    return SiteHeads(
+        site=site,
+        anchor=anchor,
+        encoder=encoder,
+        decoder=decoder,
+        source_weight=module.weight.detach().float().cpu().clone(),
+        source_bias=bias,
+        metrics=metrics,
+    )

@@ -1,0 +1,221 @@
+"""A cartridge: a bridge's heads bound to one adapter's kernels, attached to the target.
+
+Each anchor of the target gains ``D(scale · B · A · E(x))`` for every site mapped to it, where
+``x`` is the anchor's input, ``E`` the encoder, ``D`` the decoder's carrying of a change, and
+``A``, ``B``, ``scale`` the frozen LoRA kernel. Hooks add the delta to the anchor's output; they
+are removed on ``detach``, which restores the target's outputs exactly.
+
+NOTE: PEFT has an unrelated method named "Cartridges" (a trained KV prefix); this cartridge is
+not a PEFT type.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from loracast.adapters import Adapter, Kernel
+from loracast.architectures import Site, parse_site
+from loracast.bridge import Bridge, SiteHeads, bridge_from_config
+from loracast.models import LoadedModel, config_fingerprint
+from loracast.serialization import FORMAT_VERSION, FormatError, provenance, read_folder, write_folder
+
+logger = logging.getLogger(__name__)
+
+CARTRIDGE_CONFIG = "cartridge.json"
+CARTRIDGE_WEIGHTS = "cartridge.safetensors"
+
+
+class CarriedSite(nn.Module):
+    """One site's kernel between its encoder and decoder: maps an anchor input to a delta."""
+
+    def __init__(self, heads: SiteHeads, kernel: Kernel) -> None:
+        super().__init__()
+        self.encoder = heads.encoder
+        self.decoder = heads.decoder
+        self.register_buffer("A", kernel.A.float().clone())  # (r, d_in_source)
+        self.register_buffer("B", kernel.B.float().clone())  # (d_out_source, r)
+        self.register_buffer("source_weight", heads.source_weight.float().clone())
+        self.register_buffer(
+            "source_bias", None if heads.source_bias is None else heads.source_bias.float().clone()
+        )
+        self.kernel_scale = float(kernel.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_source = self.encoder(x)  # (..., d_in_source)
+        change = (x_source @ self.A.T) @ self.B.T * self.kernel_scale  # (..., d_out_source)
+        if self.decoder.is_linear:
+            return self.decoder.delta(x_source, change)
+        base = F.linear(x_source, self.source_weight, self.source_bias)
+        return self.decoder.delta(base, change)  # (..., d_out_target)
+
+
+class Cartridge(nn.Module):
+    """A carried adapter that attaches to the target model.
+
+    Attributes:
+        scale: multiplier on every carried delta, read at each forward pass.
+        enabled: when False, attached hooks add nothing.
+    """
+
+    def __init__(self, bridge: Bridge, kernels: dict[Site, Kernel], adapter_info: dict) -> None:
+        super().__init__()
+        missing = bridge.covers(list(kernels))
+        if missing:
+            raise ValueError(
+                f"the bridge has no heads for sites {[site.name for site in missing]}; fit a "
+                "bridge on the adapter's modules (loracast transfer fits one)"
+            )
+        self.bridge = bridge
+        self.adapter_info = adapter_info
+        self.kernels = kernels
+        self.carried = nn.ModuleDict()
+        self.anchors: dict[str, list[str]] = {}
+        for site, kernel in sorted(kernels.items(), key=lambda item: (item[0].layer, item[0].module)):
+            key = site.name.replace(".", "__")
+            self.carried[key] = CarriedSite(bridge.sites[site], kernel)
+            self.anchors.setdefault(bridge.sites[site].anchor.name, []).append(key)
+        self.requires_grad_(False)
+        self.scale = 1.0
+        self.enabled = True
+        self._handles: list = []
+
+    @property
+    def target_identity(self) -> dict:
+        return self.bridge.target
+
+    @property
+    def is_attached(self) -> bool:
+        return bool(self._handles)
+
+    def anchor_delta(self, anchor: str, x: torch.Tensor) -> torch.Tensor:
+        """Return the summed delta of every site carried to ``anchor``, for anchor inputs ``x``."""
+        total = None
+        for key in self.anchors[anchor]:
+            delta = self.carried[key](x)
+            total = delta if total is None else total + delta
+        return total * self.scale
+
+    def check_target(self, target) -> None:
+        """Raise ValueError when ``target`` is not the model this cartridge was fitted for."""
+        model = target.model if isinstance(target, LoadedModel) else target
+        expected = self.target_identity
+        found = config_fingerprint(model)
+        if found != expected["fingerprint"]:
+            raise ValueError(
+                f"this cartridge was fitted for target {expected['name']!r} "
+                f"({expected['model_type']}, fingerprint {expected['fingerprint']}), but the "
+                f"model given is {model.config.model_type} with fingerprint {found}; load the "
+                "target the cartridge was made for, or carry the adapter again"
+            )
+        if isinstance(target, LoadedModel):
+            tokenizer = target.tokenizer_fingerprint
+            if tokenizer != expected["tokenizer_fingerprint"]:
+                raise ValueError(
+                    f"the target's tokenizer (fingerprint {tokenizer}) differs from the one the "
+                    f"cartridge was fitted with ({expected['tokenizer_fingerprint']}); positions "
+                    "would not align: use the tokenizer of "
+                    f"{expected['name']!r}"
+                )
+
+    def attach(self, target) -> Cartridge:
+        """Hook every anchor of ``target`` (a ``LoadedModel`` or a model); returns ``self``."""
+        if self.is_attached:
+            raise RuntimeError("cartridge is already attached; call detach() first")
+        self.check_target(target)
+        model = target.model if isinstance(target, LoadedModel) else target
+        parameter = next(model.parameters())
+        self.to(parameter.device)
+        for anchor in self.anchors:
+            module = model.get_submodule(anchor)
+            self._handles.append(module.register_forward_hook(self._make_hook(anchor)))
+        return self
+
+    def _make_hook(self, anchor: str):
+        def hook(module, args, output):
+            if not self.enabled or self.scale == 0:
+                return None
+            delta = self.anchor_delta(anchor, args[0].float())
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    def detach(self) -> None:
+        """Remove every hook; the target then computes exactly its base outputs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def attached(self, target) -> Iterator[Cartridge]:
+        """Attach for the duration of a ``with`` block, detaching even on error."""
+        self.attach(target)
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Save as ``cartridge.json`` + ``cartridge.safetensors``, atomically."""
+        tensors = self.bridge.tensors()
+        kernel_records = []
+        for site, kernel in self.kernels.items():
+            tensors[f"{site.name}.kernel.A"] = kernel.A
+            tensors[f"{site.name}.kernel.B"] = kernel.B
+            kernel_records.append({"site": site.name, "rank": kernel.rank, "scale": kernel.scale})
+        config = {
+            "kind": "cartridge",
+            "format_version": FORMAT_VERSION,
+            **self.bridge.describe(),
+            "adapter": self.adapter_info,
+            "kernels": kernel_records,
+            "provenance": provenance(),
+        }
+        return write_folder(folder, CARTRIDGE_CONFIG, config, CARTRIDGE_WEIGHTS, tensors,
+                            overwrite=overwrite)
+
+    @classmethod
+    def load(cls, folder: str | Path, target=None) -> Cartridge:
+        """Load a saved cartridge; with ``target`` given, check it is the recorded target.
+
+        Raises:
+            FileNotFoundError: the folder or a file is missing.
+            FormatError: the folder is malformed or of a newer format version.
+            ValueError: ``target`` differs from the recorded target or tokenizer.
+        """
+        config, tensors = read_folder(folder, CARTRIDGE_CONFIG, CARTRIDGE_WEIGHTS, "cartridge")
+        try:
+            bridge = bridge_from_config(config, tensors)
+            kernels = {}
+            for record in config["kernels"]:
+                site = parse_site(record["site"])
+                kernels[site] = Kernel(
+                    A=tensors[f"{site.name}.kernel.A"],
+                    B=tensors[f"{site.name}.kernel.B"],
+                    scale=float(record["scale"]),
+                )
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise FormatError(f"{folder}: cartridge contents are inconsistent ({error})") from error
+        cartridge = cls(bridge, kernels, config.get("adapter", {}))
+        if target is not None:
+            cartridge.check_target(target)
+        return cartridge
+
+
+def build_cartridge(bridge: Bridge, adapter: Adapter) -> Cartridge:
+    """Bind a bridge's heads to an adapter's kernels."""
+    info = {
+        "path": str(adapter.path),
+        "base_model_name_or_path": adapter.base_model,
+        "r": adapter.config.get("r"),
+        "lora_alpha": adapter.config.get("lora_alpha"),
+        "use_rslora": bool(adapter.config.get("use_rslora")),
+        "target_modules": adapter.modules,
+    }
+    return Cartridge(bridge, adapter.kernels, info)

@@ -1,0 +1,144 @@
+"""Fit heads: closed-form ridge regression, then a residual MLP trained from the ridge start."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loracast.heads import Head
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass
+class HeadFitConfig:
+    """Settings for fitting one head.
+
+    Attributes:
+        ridge_alphas: ridge penalties tried (relative to the number of samples, on standardised
+            data); the one with the best validation R² is kept.
+        mlp_hidden: hidden width of the residual MLP; 0 fits a linear head only.
+        mlp_steps: Adam steps for the residual MLP.
+        mlp_lr: Adam learning rate for the residual MLP.
+        mlp_batch_size: samples per MLP step.
+        seed: seed for MLP initialisation and batch order.
+    """
+
+    ridge_alphas: Sequence[float] = DEFAULT_RIDGE_ALPHAS
+    mlp_hidden: int = 128
+    mlp_steps: int = 200
+    mlp_lr: float = 1e-3
+    mlp_batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ridge_alphas or any(alpha <= 0 for alpha in self.ridge_alphas):
+            raise ValueError(f"ridge_alphas must be positive numbers, got {self.ridge_alphas!r}")
+        for name in ("mlp_hidden", "mlp_steps", "mlp_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mlp_lr <= 0:
+            raise ValueError(f"mlp_lr must be positive, got {self.mlp_lr}")
+
+
+def r2_score(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Return the coefficient of determination, pooled over all output features."""
+    residual = (target - prediction).pow(2).sum()
+    total = (target - target.mean(0)).pow(2).sum()
+    return float(1.0 - residual / total.clamp_min(1e-12))
+
+
+def _ridge_solutions(z: torch.Tensor, t: torch.Tensor, alphas: Sequence[float]):
+    # One eigendecomposition of the Gram matrix serves every penalty.
+    n = z.shape[0]
+    gram = (z.T @ z).double()
+    cross = (z.T @ t).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    projected = eigenvectors.T @ cross
+    for alpha in alphas:
+        weight = eigenvectors @ (projected / (eigenvalues + alpha * n).unsqueeze(1))
+        yield alpha, weight.T.float()  # (d_out, d_in)
+
+
+def fit_head(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    config: HeadFitConfig,
+) -> tuple[Head, dict]:
+    """Fit a head mapping ``x`` to ``y``: ridge first, then the residual MLP if configured.
+
+    Args:
+        x_train, y_train: training samples, shapes ``(n, d_in)`` and ``(n, d_out)``.
+        x_val, y_val: held-out samples used to pick the ridge penalty and report R².
+        config: fitting settings.
+
+    Returns:
+        The head (on the CPU, float32) and metrics: ``ridge_alpha``, ``r2_linear`` and ``r2``
+        (held-out, after the MLP when there is one).
+
+    Raises:
+        ValueError: fewer training samples than two, or shapes that do not match.
+    """
+    if x_train.shape[0] < 2 or x_train.shape[0] != y_train.shape[0]:
+        raise ValueError(
+            f"need at least 2 paired training samples, got x {tuple(x_train.shape)} and "
+            f"y {tuple(y_train.shape)}; use a larger corpus"
+        )
+    x_train, y_train = x_train.float(), y_train.float()
+    x_val, y_val = x_val.float(), y_val.float()
+    head = Head(x_train.shape[1], y_train.shape[1], mlp_hidden=config.mlp_hidden)
+    head.set_standardisation(x_train, y_train)
+    with torch.no_grad():
+        z = (x_train - head.in_mean) / head.in_std
+        t = (y_train - head.out_mean) / head.out_std
+        best = (-float("inf"), None, None)
+        for alpha, weight in _ridge_solutions(z, t, config.ridge_alphas):
+            head.linear.weight.copy_(weight)
+            head.linear.bias.zero_()
+            score = r2_score(head(x_val), y_val)
+            if score > best[0]:
+                best = (score, alpha, weight)
+        r2_linear, alpha, weight = best
+        head.linear.weight.copy_(weight)
+
+    metrics = {"ridge_alpha": alpha, "r2_linear": r2_linear, "r2": r2_linear}
+    if head.mlp is not None and config.mlp_steps > 0:
+        metrics["r2"] = _train_residual_mlp(head, x_train, y_train, x_val, y_val, config)
+    return head, metrics
+
+
+def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config) -> float:
+    """Train only the MLP on the standardised residual; keep the best validation state."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    head.mlp[0].reset_parameters()  # seeded, so a refit with the same seed is identical
+    head.linear.requires_grad_(False)
+    optimizer = torch.optim.Adam(head.mlp.parameters(), lr=config.mlp_lr)
+    target = (y_train - head.out_mean) / head.out_std
+
+    with torch.no_grad():
+        best_score = r2_score(head(x_val), y_val)
+    best_state = {k: v.clone() for k, v in head.mlp.state_dict().items()}
+    evaluate_every = max(1, config.mlp_steps // 5)
+    for step in range(1, config.mlp_steps + 1):
+        index = torch.randint(0, x_train.shape[0], (config.mlp_batch_size,), generator=generator)
+        loss = (head.standardised(x_train[index]) - target[index]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % evaluate_every == 0 or step == config.mlp_steps:
+            with torch.no_grad():
+                score = r2_score(head(x_val), y_val)
+            if score > best_score:
+                best_score = score
+                best_state = {k: v.clone() for k, v in head.mlp.state_dict().items()}
+    head.mlp.load_state_dict(best_state)
+    head.requires_grad_(False)
+    return best_score

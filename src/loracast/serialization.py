@@ -1,0 +1,116 @@
+"""Versioned, atomic folders of one JSON config and one safetensors file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+
+
+class FormatError(ValueError):
+    """A saved loracast folder is missing, malformed, or of an unsupported format version."""
+
+
+def provenance() -> dict:
+    """Return versions, the command line and the time, recorded in every saved artifact."""
+    import peft
+    import transformers
+
+    from loracast import __version__
+
+    return {
+        "loracast": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_folder(
+    folder: str | Path,
+    config_name: str,
+    config: dict,
+    weights_name: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a config and tensors into ``folder`` atomically.
+
+    Everything is written into a temporary sibling folder that is renamed into place at the end,
+    so an interrupted write leaves either the previous folder or none.
+
+    Raises:
+        FileExistsError: ``folder`` exists and ``overwrite`` is False.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"output folder {folder} exists; choose another or pass --overwrite")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+        save_file(contiguous, str(staging / weights_name))
+        (staging / config_name).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        if folder.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, retired / "old")
+            os.replace(staging, folder)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def read_folder(
+    folder: str | Path, config_name: str, weights_name: str, kind: str
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check a folder written by ``write_folder``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        FormatError: the JSON is malformed, of another kind, or of a newer format version, or the
+            weights file is corrupt.
+    """
+    folder = Path(folder).expanduser()
+    config_path = folder / config_name
+    weights_path = folder / weights_name
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; is {folder} a loracast {kind} folder?")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FormatError(f"{config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict) or config.get("kind") != kind:
+        found = config.get("kind") if isinstance(config, dict) else type(config).__name__
+        raise FormatError(f"{config_path}: expected a loracast {kind}, found kind {found!r}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise FormatError(f"{config_path}: format_version {version!r} is invalid")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{config_path}: format_version {version} is newer than this loracast supports "
+            f"({FORMAT_VERSION}); upgrade loracast"
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise FormatError(f"{weights_path} is corrupt or truncated ({error})") from error
+    return config, tensors
