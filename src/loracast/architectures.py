@@ -14,6 +14,17 @@ from torch import nn
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
+# Roles whose modules read the same input inside a layer (one encoder serves them all).
+INPUT_GROUPS = {
+    "q": "attention",
+    "k": "attention",
+    "v": "attention",
+    "gate": "mlp",
+    "up": "mlp",
+    "o": "o",
+    "down": "down",
+}
+
 _LLAMA_LIKE = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",

@@ -17,11 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from loracast.architectures import (
+    INPUT_GROUPS,
     Site,
     anchor_for,
     num_layers,
     parse_site,
     relative_depth_layer_map,
+    role_of,
 )
 from loracast.capture import Recording, record_pair
 from loracast.fit import HeadFitConfig, fit_head
@@ -150,10 +152,15 @@ class Bridge:
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Save as ``bridge.json`` + ``bridge.safetensors``, atomically."""
-        config = {"kind": "bridge", "format_version": FORMAT_VERSION, **self.describe(),
-                  "provenance": provenance()}
-        return write_folder(folder, BRIDGE_CONFIG, config, BRIDGE_WEIGHTS, self.tensors(),
-                            overwrite=overwrite)
+        config = {
+            "kind": "bridge",
+            "format_version": FORMAT_VERSION,
+            **self.describe(),
+            "provenance": provenance(),
+        }
+        return write_folder(
+            folder, BRIDGE_CONFIG, config, BRIDGE_WEIGHTS, self.tensors(), overwrite=overwrite
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> Bridge:
@@ -191,7 +198,7 @@ def bridge_from_config(config: dict, tensors: dict[str, torch.Tensor]) -> Bridge
 
 def _load_head(shape: dict, tensors: dict[str, torch.Tensor], prefix: str) -> Head:
     head = Head(int(shape["d_in"]), int(shape["d_out"]), int(shape.get("mlp_hidden", 0)))
-    state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+    state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     head.load_state_dict(state, strict=True)
     head.requires_grad_(False)
     return head
@@ -247,21 +254,35 @@ def fit_bridge(
 
     started = time.perf_counter()
     recording = record_pair(
-        source, target, corpus, site_names, anchor_names,
-        max_tokens=config.max_tokens, batch_size=config.batch_size,
-        max_positions=config.max_positions, show_progress=show_progress,
+        source,
+        target,
+        corpus,
+        site_names,
+        anchor_names,
+        max_tokens=config.max_tokens,
+        batch_size=config.batch_size,
+        max_positions=config.max_positions,
+        show_progress=show_progress,
     )
     record_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     train, val = _split_by_text(recording, config.validation_fraction, config.seed)
     fitted = {}
+    encoders: dict = {}
     for site in tqdm(list(sites), desc="fitting heads", disable=not show_progress):
-        fitted[site] = _fit_site(source, recording, site, anchors[site], train, val, config.head)
+        fitted[site] = _fit_site(
+            source, recording, site, anchors[site], train, val, config.head, encoders
+        )
     fit_seconds = time.perf_counter() - started
 
-    stats = {**recording.stats, "train_positions": len(train), "validation_positions": len(val),
-             "record_seconds": round(record_seconds, 2), "fit_seconds": round(fit_seconds, 2)}
+    stats = {
+        **recording.stats,
+        "train_positions": len(train),
+        "validation_positions": len(val),
+        "record_seconds": round(record_seconds, 2),
+        "fit_seconds": round(fit_seconds, 2),
+    }
     return Bridge(
         source=model_identity(source),
         target=model_identity(target),
@@ -272,19 +293,29 @@ def fit_bridge(
     )
 
 
-def _fit_site(source, recording, site, anchor, train, val, head_config) -> SiteHeads:
+def _fit_site(source, recording, site, anchor, train, val, head_config, encoders) -> SiteHeads:
     site_data = recording.source[site.name]
     anchor_data = recording.target[anchor.name]
     x_t, x_s = anchor_data["input"], site_data["input"]
     y_s, y_t = site_data["output"], anchor_data["output"]
-    encoder, encoder_metrics = fit_head(x_t[train], x_s[train], x_t[val], x_s[val], head_config)
+    # Sites that read the same input (q, k and v of one layer) share one encoder.
+    group = INPUT_GROUPS[role_of(source.model, site.module)]
+    key = (site.layer, anchor.layer, group)
+    if key not in encoders:
+        encoders[key] = fit_head(x_t[train], x_s[train], x_t[val], x_s[val], head_config)
+    encoder, encoder_metrics = encoders[key]
     decoder, decoder_metrics = fit_head(y_s[train], y_t[train], y_s[val], y_t[val], head_config)
     module = source.model.get_submodule(site.name)
     bias = module.bias.detach().float().cpu().clone() if module.bias is not None else None
     metrics = {f"encoder_{key}": value for key, value in encoder_metrics.items()}
     metrics.update({f"decoder_{key}": value for key, value in decoder_metrics.items()})
-    logger.info("%s -> %s: encoder R2 %.3f, decoder R2 %.3f", site.name, anchor.name,
-                metrics["encoder_r2"], metrics["decoder_r2"])
+    logger.info(
+        "%s -> %s: encoder R2 %.3f, decoder R2 %.3f",
+        site.name,
+        anchor.name,
+        metrics["encoder_r2"],
+        metrics["decoder_r2"],
+    )
     return SiteHeads(
         site=site,
         anchor=anchor,

@@ -144,8 +144,12 @@ def record_pair(
     total_positions = 0
     source_tokens = 0
     used_texts = 0
-    bar = tqdm(total=max_positions or len(texts), disable=not show_progress,
-               desc="recording", unit="pos" if max_positions else "text")
+    bar = tqdm(
+        total=max_positions or len(texts),
+        disable=not show_progress,
+        desc="recording",
+        unit="pos" if max_positions else "text",
+    )
     for start in range(0, len(texts), batch_size):
         indexed = [
             (start + offset, truncate_text(source.tokenizer, text, max_tokens))
@@ -158,7 +162,7 @@ def record_pair(
         source_encoded = [encode(source.tokenizer, text) for text in chunk]
         target_encoded = [encode(target.tokenizer, text) for text in chunk]
         source_rows, target_rows, row_texts = [], [], []
-        for row, (first, second) in enumerate(zip(source_encoded, target_encoded)):
+        for row, (first, second) in enumerate(zip(source_encoded, target_encoded, strict=True)):
             for i, j in aligned_positions(first, second):
                 source_rows.append((row, i))
                 target_rows.append((row, j))
@@ -170,8 +174,12 @@ def record_pair(
             row_texts = row_texts[:keep]
         if not source_rows:
             continue
-        _forward_recorded(source.model, source.tokenizer, source_encoded, source_rows, site_names, source_store)
-        _forward_recorded(target.model, target.tokenizer, target_encoded, target_rows, anchor_names, target_store)
+        _forward_recorded(
+            source.model, source.tokenizer, source_encoded, source_rows, site_names, source_store
+        )
+        _forward_recorded(
+            target.model, target.tokenizer, target_encoded, target_rows, anchor_names, target_store
+        )
         text_ids.extend(row_texts)
         total_positions += len(source_rows)
         used_texts += len(chunk)

@@ -24,7 +24,13 @@ from loracast.adapters import Adapter, Kernel
 from loracast.architectures import Site, parse_site
 from loracast.bridge import Bridge, SiteHeads, bridge_from_config
 from loracast.models import LoadedModel, config_fingerprint
-from loracast.serialization import FORMAT_VERSION, FormatError, provenance, read_folder, write_folder
+from loracast.serialization import (
+    FORMAT_VERSION,
+    FormatError,
+    provenance,
+    read_folder,
+    write_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +83,9 @@ class Cartridge(nn.Module):
         self.kernels = kernels
         self.carried = nn.ModuleDict()
         self.anchors: dict[str, list[str]] = {}
-        for site, kernel in sorted(kernels.items(), key=lambda item: (item[0].layer, item[0].module)):
+        for site, kernel in sorted(
+            kernels.items(), key=lambda item: (item[0].layer, item[0].module)
+        ):
             key = site.name.replace(".", "__")
             self.carried[key] = CarriedSite(bridge.sites[site], kernel)
             self.anchors.setdefault(bridge.sites[site].anchor.name, []).append(key)
@@ -177,8 +185,9 @@ class Cartridge(nn.Module):
             "kernels": kernel_records,
             "provenance": provenance(),
         }
-        return write_folder(folder, CARTRIDGE_CONFIG, config, CARTRIDGE_WEIGHTS, tensors,
-                            overwrite=overwrite)
+        return write_folder(
+            folder, CARTRIDGE_CONFIG, config, CARTRIDGE_WEIGHTS, tensors, overwrite=overwrite
+        )
 
     @classmethod
     def load(cls, folder: str | Path, target=None) -> Cartridge:

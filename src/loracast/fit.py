@@ -111,6 +111,7 @@ def fit_head(
     metrics = {"ridge_alpha": alpha, "r2_linear": r2_linear, "r2": r2_linear}
     if head.mlp is not None and config.mlp_steps > 0:
         metrics["r2"] = _train_residual_mlp(head, x_train, y_train, x_val, y_val, config)
+    head.requires_grad_(False)
     return head, metrics
 
 

@@ -59,7 +59,7 @@ class Head(nn.Module):
         For a linear head this is ``out_std · W · (dy / in_std)`` and ``y`` is not used.
         """
         if self.mlp is None:
-            return self.out_std * (dy / self.in_std) @ self.linear.weight.T
+            return self.out_std * ((dy / self.in_std) @ self.linear.weight.T)
         return self.forward(y + dy) - self.forward(y)
 
     def set_standardisation(self, x: torch.Tensor, y: torch.Tensor, eps: float = 1e-6) -> None:

@@ -103,8 +103,16 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def config_fingerprint(model: PreTrainedModel) -> str:
     """Hash the parts of a model's config that fix its activation spaces."""
     config = model.config.to_dict()
-    keys = ["model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"]
+    keys = [
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+    ]
     subset = {key: config.get(key) for key in keys}
     return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -63,7 +63,8 @@ def write_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+        # Copies, because shared encoders would otherwise be tensors that share memory.
+        contiguous = {key: value.detach().cpu().clone() for key, value in tensors.items()}
         save_file(contiguous, str(staging / weights_name))
         (staging / config_name).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         if folder.exists():

@@ -59,13 +59,13 @@ class LoraRecipe:
 
     Attributes:
         r: the LoRA rank.
-        lora_alpha: the LoRA scaling numerator; the update is scaled by ``lora_alpha / r``.
+        lora_alpha: the LoRA scaling numerator. The update is scaled by ``lora_alpha / r``.
         lora_dropout: dropout on the LoRA input during training, in [0, 1).
         target_modules: module name suffixes that get LoRA, e.g. ``("q_proj", "v_proj")``.
         learning_rate: the AdamW learning rate, constant for the whole run.
         epochs: passes over the training examples.
         batch_size: examples per optimizer step.
-        max_length: the maximum tokens per example; longer prompts are cut (see ``train_lora``).
+        max_length: the maximum tokens per example. Longer prompts are cut (see ``train_lora``).
         seed: seeds the LoRA initialisation, dropout and the shuffling of examples.
         weight_decay: the AdamW weight decay.
     """
@@ -189,8 +189,10 @@ def _tokenize_examples(
             )
         if len(prompt) > room:
             n_cut += 1
-            keep_bos = bos_id is not None and prompt[0] == bos_id and room >= 2
-            prompt = [prompt[0]] + prompt[len(prompt) - room + 1 :] if keep_bos else prompt[-room:]
+            if bos_id is not None and prompt[0] == bos_id and room >= 2:
+                prompt = [bos_id] + prompt[len(prompt) - room + 1 :]
+            else:
+                prompt = prompt[-room:]
         tokenized.append((prompt + completion, len(prompt)))
 
     if n_cut:
@@ -210,7 +212,7 @@ def _batch_loss(
     pad_id: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Mean negative log-likelihood over all completion tokens in the batch."""
+    """Compute the mean negative log-likelihood over all completion tokens in the batch."""
     sequences = [ids for ids, _ in batch]
     input_ids, attention_mask = pad_right(sequences, pad_id)
     log_probs, mask = completion_token_log_probs(
@@ -280,7 +282,8 @@ def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
         staging.rename(out_dir)
         return
 
-    # Renames within one parent folder are atomic, so ``out_dir`` always holds a complete adapter.
+    # Each rename is atomic, so ``out_dir`` is at any moment the old adapter, the new one or
+    # briefly missing, never a partial folder.
     previous = staging.with_name(staging.name + ".previous")
     out_dir.rename(previous)
     staging.rename(out_dir)
@@ -346,7 +349,7 @@ def train_lora(
     ``out_dir`` receives ``adapter_config.json``, ``adapter_model.safetensors`` and
     ``training.json`` (the recipe, example count, losses, wall time, library versions, command
     line, ``base_model_name`` and ``metadata``). The files are written into a temporary sibling
-    folder that is renamed into place, so ``out_dir`` never holds a partial adapter.
+    folder that is renamed into place, so ``out_dir`` never contains a partial adapter.
 
     Args:
         model: a transformers causal LM, not a PeftModel.
@@ -355,7 +358,7 @@ def train_lora(
             ``loracast.eval.sentiment.sentiment_training_pairs``.
         recipe: the LoRA and optimizer settings.
         out_dir: the folder to create.
-        base_model_name: the name recorded in training.json; defaults to the model's
+        base_model_name: the name recorded in training.json, by default the model's
             ``name_or_path``.
         overwrite: replace ``out_dir`` if it exists.
         show_progress: show a tqdm progress bar with the mean loss of the last epoch's worth
@@ -382,7 +385,7 @@ def train_lora(
         )
     if len(examples) == 0:
         raise ValueError("examples is empty; pass at least one (prompt, completion) pair")
-    json.dumps(dict(metadata or {}))  # raises TypeError now instead of after training
+    json.dumps(dict(metadata or {}))  # raise TypeError for unserialisable metadata before training
     if base_model_name is None:
         base_model_name = getattr(model, "name_or_path", None) or None
 
@@ -462,9 +465,9 @@ def train_sentiment_adapter(
         loaded_model: the model to adapt, with ``.model``, ``.tokenizer`` and ``.name``
             (a ``loracast.models.LoadedModel``).
         out_dir: the adapter folder to create.
-        recipe: the training settings; defaults to ``LoraRecipe()`` (r 8, alpha 16, q_proj and
+        recipe: the training settings, by default ``LoraRecipe()`` (r 8, alpha 16, q_proj and
             v_proj, lr 1e-3, 1 epoch, batch size 8).
-        seed: selects the data split; the training seed is ``recipe.seed``.
+        seed: selects the data split. The training seed is ``recipe.seed``.
         overwrite: replace ``out_dir`` if it exists.
         n_train: the number of training tweets (label-balanced).
         show_progress: show tqdm progress bars.

@@ -1,0 +1,265 @@
+"""The ``loracast`` command line: each subcommand is a few lines over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from loracast import __version__
+
+logger = logging.getLogger("loracast")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype of the models (default: float32)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cuda or cpu (default: cuda when available)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache folder for converted demo models (default: $LORACAST_CACHE "
+        "or ~/.cache/loracast)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow code shipped with a hub model to run (off by default)",
+    )
+
+
+def _load(args, name):
+    from loracast.models import load_model
+
+    return load_model(
+        name,
+        dtype=args.dtype,
+        device=args.device,
+        cache=args.cache_dir,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _transfer(args) -> int:
+    from loracast.bridge import Bridge, BridgeConfig
+    from loracast.corpus import load_corpus
+    from loracast.fit import HeadFitConfig
+    from loracast.transfer import transfer
+
+    config = BridgeConfig(
+        max_tokens=args.max_tokens,
+        max_positions=args.max_positions,
+        head=HeadFitConfig(mlp_hidden=0 if args.head == "linear" else args.mlp_hidden),
+        seed=args.seed,
+    )
+    bridge = Bridge.load(args.bridge) if args.bridge else None
+    corpus = None
+    if bridge is None:
+        corpus = load_corpus(
+            args.corpus, max_passages=args.max_passages, text_field=args.text_field
+        )
+    source, target = _load(args, args.source), _load(args, args.target)
+    result = transfer(
+        source,
+        target,
+        args.adapter,
+        corpus,
+        args.out,
+        config=config,
+        bridge=bridge,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
+    if args.save_bridge:
+        result.bridge.save(args.save_bridge, overwrite=args.overwrite)
+        print(f"bridge saved to {args.save_bridge}")
+    stats = result.bridge.stats
+    print(f"cartridge saved to {result.path}")
+    print(
+        f"sites: {len(result.cartridge.kernels)}, aligned positions: {stats.get('positions')}, "
+        f"record {stats.get('record_seconds')} s, fit {stats.get('fit_seconds')} s"
+    )
+    return 0
+
+
+def _generate(args) -> int:
+    from loracast.cartridge import Cartridge
+
+    target = _load(args, args.target)
+    cartridge = Cartridge.load(args.cartridge, target=target)
+    cartridge.scale = args.scale
+    inputs = target.tokenizer(args.prompt, return_tensors="pt").to(target.device)
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": target.tokenizer.pad_token_id,
+    }
+
+    def complete() -> str:
+        output = target.model.generate(**inputs, **options)
+        return target.tokenizer.decode(
+            output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+
+    if args.compare:
+        print(f"[target base]\n{args.prompt}{complete()}\n")
+    with cartridge.attached(target):
+        print(f"[target + cartridge, scale {args.scale}]\n{args.prompt}{complete()}")
+    return 0
+
+
+def _eval(args) -> int:
+    from loracast.cartridge import Cartridge
+    from loracast.eval.configurations import evaluate_configurations, format_rows
+    from loracast.eval.sentiment import sentiment_splits
+
+    if args.task != "sentiment":
+        raise ValueError(f"unknown task {args.task!r}; available: sentiment")
+    if args.adapter and not args.source:
+        raise ValueError("--adapter needs --source, the model the adapter was trained on")
+    splits = sentiment_splits(seed=args.split_seed)
+    examples = getattr(splits, args.split)[: args.limit]
+    source = _load(args, args.source) if args.source else None
+    target = _load(args, args.target)
+    cartridge = Cartridge.load(args.cartridge, target=target) if args.cartridge else None
+    rows = evaluate_configurations(
+        source, target, args.adapter, cartridge, examples, show_progress=not args.quiet
+    )
+    print(f"Tweet sentiment, {args.split} split, {len(examples)} examples")
+    print(format_rows(rows))
+    return 0
+
+
+def _demo(args) -> int:
+    from loracast.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        max_passages=args.max_passages,
+        max_positions=args.max_positions,
+        eval_limit=args.eval_limit,
+        out=args.out,
+        cache=args.cache_dir,
+        show_progress=not args.quiet,
+    )
+    report = run_demo(config)
+    print(report.format())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="loracast",
+        description="Carry a LoRA adapter from one LLM family to another (CAST).",
+    )
+    parser.add_argument("--version", action="version", version=f"loracast {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings only and hide progress bars"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="carry a real sentiment LoRA from SmolLM2 to Gemma-3")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="cartridge folder (default: <cache>/demo/cartridge, replaced each run)",
+    )
+    demo.add_argument("--cache-dir", default=None, help="cache folder for models and the adapter")
+    demo.add_argument("--max-passages", type=int, default=400, help="corpus passages read")
+    demo.add_argument(
+        "--max-positions", type=int, default=12000, help="aligned positions recorded for the bridge"
+    )
+    demo.add_argument("--eval-limit", type=int, default=200, help="test tweets per configuration")
+    demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser("transfer", help="carry an adapter to a target model")
+    run.add_argument("--source", required=True, help="model the adapter was trained on")
+    run.add_argument("--target", required=True, help="model to carry the adapter to")
+    run.add_argument("--adapter", required=True, help="PEFT LoRA folder trained on the source")
+    run.add_argument(
+        "--corpus",
+        default="bbc-news",
+        help="general text: a .txt/.jsonl file, a folder, or bbc-news (default)",
+    )
+    run.add_argument("--out", required=True, help="cartridge folder to write")
+    run.add_argument("--bridge", default=None, help="reuse a saved bridge instead of fitting one")
+    run.add_argument("--save-bridge", default=None, help="also save the fitted bridge here")
+    run.add_argument("--text-field", default="text", help="JSONL field with the text")
+    run.add_argument("--max-passages", type=int, default=400, help="corpus passages read")
+    run.add_argument("--max-tokens", type=int, default=128, help="source tokens per passage")
+    run.add_argument("--max-positions", type=int, default=12000, help="aligned positions recorded")
+    run.add_argument(
+        "--head",
+        choices=["mlp", "linear"],
+        default="mlp",
+        help="head type: ridge + residual MLP (default) or ridge only",
+    )
+    run.add_argument("--mlp-hidden", type=int, default=128, help="hidden width of the MLP heads")
+    run.add_argument("--seed", type=int, default=0, help="seed of the validation split and MLPs")
+    run.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept an adapter saved as a pickle file (can run code)",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    _add_model_options(run)
+    run.set_defaults(handler=_transfer)
+
+    generate = commands.add_parser("generate", help="generate text with a cartridge attached")
+    generate.add_argument("--target", required=True, help="the cartridge's target model")
+    generate.add_argument("--cartridge", required=True, help="cartridge folder")
+    generate.add_argument("--prompt", required=True, help="prompt text")
+    generate.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
+    generate.add_argument(
+        "--scale", type=float, default=1.0, help="multiplier on the carried delta (default 1.0)"
+    )
+    generate.add_argument("--compare", action="store_true", help="also print the base output")
+    _add_model_options(generate)
+    generate.set_defaults(handler=_generate)
+
+    evaluate = commands.add_parser("eval", help="score a task on base, adapter and cartridge")
+    evaluate.add_argument("--task", required=True, choices=["sentiment"], help="task to score")
+    evaluate.add_argument("--target", required=True, help="target model")
+    evaluate.add_argument("--cartridge", default=None, help="cartridge folder for the target")
+    evaluate.add_argument("--source", default=None, help="source model (adds its rows)")
+    evaluate.add_argument("--adapter", default=None, help="PEFT adapter for the source")
+    evaluate.add_argument(
+        "--split",
+        choices=["validation", "test"],
+        default="test",
+        help="held-out split (default: test)",
+    )
+    evaluate.add_argument("--split-seed", type=int, default=0, help="seed of the task splits")
+    evaluate.add_argument("--limit", type=int, default=200, help="examples scored")
+    _add_model_options(evaluate)
+    evaluate.set_defaults(handler=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not hasattr(args, "dtype"):
+        args.dtype, args.device, args.trust_remote_code = "float32", None, False
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"loracast: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
