@@ -141,6 +141,7 @@ def record_pair(
     source_store: dict = {}
     target_store: dict = {}
     text_ids: list[int] = []
+    aligned_tokens = 0  # before the max_positions cap, for the coverage statistic
     total_positions = 0
     source_tokens = 0
     used_texts = 0
@@ -168,6 +169,7 @@ def record_pair(
                 target_rows.append((row, j))
                 row_texts.append(indexed[row][0])
             source_tokens += sum(1 for special in first.special if not special)
+        aligned_tokens += len(source_rows)
         if max_positions is not None:
             keep = max_positions - total_positions
             source_rows, target_rows = source_rows[:keep], target_rows[:keep]
@@ -197,7 +199,7 @@ def record_pair(
         "texts": used_texts,
         "positions": total_positions,
         "source_text_tokens": source_tokens,
-        "aligned_fraction_of_source_tokens": total_positions / max(source_tokens, 1),
+        "aligned_fraction_of_source_tokens": aligned_tokens / max(source_tokens, 1),
     }
     logger.info("recorded %d aligned positions from %d texts", total_positions, used_texts)
     return Recording(

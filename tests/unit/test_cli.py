@@ -1,0 +1,90 @@
+"""The command line on tiny models saved to disk: transfer, generate, and error reporting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loracast.cli import main
+from tests.conftest import TRAINING_TEXT, build_tiny_gemma3, build_tiny_llama
+from tests.unit.test_adapters import save_random_adapter
+
+
+@pytest.fixture()
+def model_folders(tmp_path, byte_tokenizer, metaspace_tokenizer):
+    source = build_tiny_llama(len(byte_tokenizer))
+    source.save_pretrained(tmp_path / "source")
+    byte_tokenizer.save_pretrained(tmp_path / "source")
+    target = build_tiny_gemma3(len(metaspace_tokenizer))
+    target.save_pretrained(tmp_path / "target")
+    metaspace_tokenizer.save_pretrained(tmp_path / "target")
+    save_random_adapter(build_tiny_llama(len(byte_tokenizer)), tmp_path / "adapter")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TRAINING_TEXT[:24]))
+    return tmp_path
+
+
+def _transfer_args(folder, out):
+    return [
+        "-q",
+        "transfer",
+        "--source",
+        str(folder / "source"),
+        "--target",
+        str(folder / "target"),
+        "--adapter",
+        str(folder / "adapter"),
+        "--corpus",
+        str(folder / "corpus.txt"),
+        "--out",
+        str(out),
+        "--max-positions",
+        "300",
+        "--head",
+        "linear",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_transfer_then_generate(model_folders, capsys):
+    out = model_folders / "cartridge"
+    assert main(_transfer_args(model_folders, out)) == 0
+    config = json.loads((out / "cartridge.json").read_text())
+    assert len(config["sites"]) == 8
+    assert "cartridge saved to" in capsys.readouterr().out
+
+    code = main(
+        [
+            "-q",
+            "generate",
+            "--target",
+            str(model_folders / "target"),
+            "--cartridge",
+            str(out),
+            "--prompt",
+            "The market",
+            "--max-new-tokens",
+            "4",
+            "--compare",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "[target base]" in printed
+    assert "[target + cartridge, scale 1.0]" in printed
+
+
+def test_transfer_refuses_existing_output(model_folders, capsys):
+    out = model_folders / "cartridge"
+    out.mkdir()
+    assert main(_transfer_args(model_folders, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_transfer_reports_missing_adapter(model_folders, capsys):
+    args = _transfer_args(model_folders, model_folders / "cartridge")
+    args[args.index("--adapter") + 1] = str(model_folders / "nowhere")
+    assert main(args) == 2
+    assert "adapter folder" in capsys.readouterr().err
