@@ -1,6 +1,6 @@
 """A bridge: everything learned for one (source, target) pair, independent of any adapter.
 
-For each source site the bridge holds the matched target anchor, an encoder from the anchor's
+For each source site the bridge contains the matched target anchor, an encoder from the anchor's
 input space to the site's input space, a decoder from the site's output space to the anchor's
 output space, and the site's base weight (used by nonlinear decoders to carry a change).
 """

@@ -139,6 +139,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    from loracast.cartridge import CARTRIDGE_CONFIG
+    from loracast.serialization import read_config
+
+    config = read_config(args.cartridge, CARTRIDGE_CONFIG, "cartridge")
+    print(f"source: {config['source']['name']}  target: {config['target']['name']}")
+    print(f"adapter: {config.get('adapter', {}).get('path')}")
+    print(f"layer map (source layer -> target layer): {config['layer_map']}")
+    print(f"{'site':<36} {'anchor':<36} {'encoder R2':>10} {'decoder R2':>10}")
+    for record in config["sites"]:
+        metrics = record["metrics"]
+        print(
+            f"{record['site']:<36} {record['anchor']:<36} "
+            f"{metrics['encoder_r2']:>10.3f} {metrics['decoder_r2']:>10.3f}"
+        )
+    return 0
+
+
 def _demo(args) -> int:
     from loracast.demo import DemoConfig, run_demo
 
@@ -227,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(generate)
     generate.set_defaults(handler=_generate)
 
+    info = commands.add_parser("info", help="print a cartridge's sites, anchors and held-out R²")
+    info.add_argument("cartridge", help="cartridge folder")
+    info.set_defaults(handler=_info)
+
     evaluate = commands.add_parser("eval", help="score a task on base, adapter and cartridge")
     evaluate.add_argument("--task", required=True, choices=["sentiment"], help="task to score")
     evaluate.add_argument("--target", required=True, help="target model")
@@ -250,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.INFO
+    if args.verbose:
+        level = logging.DEBUG
+    elif args.quiet:
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not hasattr(args, "dtype"):
         args.dtype, args.device, args.trust_remote_code = "float32", None, False

@@ -68,7 +68,7 @@ class DemoConfig:
 
 @dataclass
 class DemoReport:
-    """What the demo measured."""
+    """Results of a demo run: result rows, stage times, fit metrics and paths."""
 
     rows: list[Row]
     seconds: dict

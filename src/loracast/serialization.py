@@ -40,6 +40,19 @@ def provenance() -> dict:
     }
 
 
+def make_staging_folder(folder: Path) -> Path:
+    """Create an empty hidden sibling of ``folder`` to write into before renaming it into place.
+
+    ``tempfile.mkdtemp`` creates mode 0700; the folder gets the usual umask-based mode instead,
+    so the final output is readable like any other folder the user creates.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
 def write_folder(
     folder: str | Path,
     config_name: str,
@@ -61,7 +74,7 @@ def write_folder(
     if folder.exists() and not overwrite:
         raise FileExistsError(f"output folder {folder} exists; choose another or pass --overwrite")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    staging = make_staging_folder(folder)
     try:
         # Copies, because shared encoders would otherwise be tensors that share memory.
         contiguous = {key: value.detach().cpu().clone() for key, value in tensors.items()}
@@ -79,22 +92,17 @@ def write_folder(
     return folder
 
 
-def read_folder(
-    folder: str | Path, config_name: str, weights_name: str, kind: str
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and check a folder written by ``write_folder``.
+def read_config(folder: str | Path, config_name: str, kind: str) -> dict:
+    """Read and check the JSON config of a folder written by ``write_folder``.
 
     Raises:
-        FileNotFoundError: the folder or one of its files is missing.
-        FormatError: the JSON is malformed, of another kind, or of a newer format version, or the
-            weights file is corrupt.
+        FileNotFoundError: the config file is missing.
+        FormatError: the JSON is malformed, of another kind, or of a newer format version.
     """
     folder = Path(folder).expanduser()
     config_path = folder / config_name
-    weights_path = folder / weights_name
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; is {folder} a loracast {kind} folder?")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; is {folder} a loracast {kind} folder?")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -110,6 +118,23 @@ def read_folder(
             f"{config_path}: format_version {version} is newer than this loracast supports "
             f"({FORMAT_VERSION}); upgrade loracast"
         )
+    return config
+
+
+def read_folder(
+    folder: str | Path, config_name: str, weights_name: str, kind: str
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check a folder written by ``write_folder``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        FormatError: the JSON is malformed, of another kind, or of a newer format version, or the
+            weights file is corrupt.
+    """
+    config = read_config(folder, config_name, kind)
+    weights_path = Path(folder).expanduser() / weights_name
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found; the {kind} folder is incomplete")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:

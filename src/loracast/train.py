@@ -16,8 +16,8 @@ import logging
 import math
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -416,7 +416,9 @@ def train_lora(
         wall_time_s = time.perf_counter() - started
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        # mkdir (unlike tempfile.mkdtemp, which creates mode 0700) gives the usual permissions.
+        staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+        staging.mkdir()
         peft_model.save_pretrained(str(staging), safe_serialization=True)
         record = _training_record(
             recipe, len(examples), losses, wall_time_s, base_model_name, metadata

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TransferResult:
-    """What ``transfer`` produced: the cartridge, where it was saved, and stage wall times."""
+    """Output of ``transfer``: the cartridge, its folder, and stage wall times."""
 
     cartridge: Cartridge
     path: Path | None

@@ -55,6 +55,11 @@ def test_transfer_then_generate(model_folders, capsys):
     assert len(config["sites"]) == 8
     assert "cartridge saved to" in capsys.readouterr().out
 
+    assert main(["info", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.3.self_attn.v_proj" in table
+    assert "decoder R2" in table
+
     code = main(
         [
             "-q",

@@ -26,7 +26,7 @@ def test_ridge_recovers_linear_map():
     assert torch.allclose(head(x[500:]), y[500:], atol=5e-2, rtol=1e-2)
 
 
-def test_mlp_head_starts_linear_and_does_not_get_worse():
+def test_mlp_head_never_below_linear():
     x, y = _linear_data(600, 10, 5, noise=0.1)
     y = y + 0.5 * torch.tanh(x[:, :5])
     linear_config = HeadFitConfig(mlp_hidden=0)

@@ -30,7 +30,7 @@ class ClassificationExample:
 
     Attributes:
         text: the input text, before any prompt template is applied.
-        label: the index of the correct answer in the task's list of choices.
+        label: the index of the correct choice in the task's list of choices.
     """
 
     text: str
@@ -171,8 +171,8 @@ def completion_log_softmax(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compute next-token log-probabilities at the positions that predict completion tokens.
 
-    Row ``i`` holds a prompt of ``prompt_lengths[i]`` tokens followed by completion tokens up to
-    ``lengths[i]``. Gradients flow when autograd is enabled, so training uses this as well.
+    Row ``i`` contains a prompt of ``prompt_lengths[i]`` tokens followed by completion tokens
+    up to ``lengths[i]``. Gradients flow when autograd is enabled, so training uses this too.
 
     Args:
         model: a causal LM returning ``.logits``.
@@ -183,8 +183,8 @@ def completion_log_softmax(
 
     Returns:
         ``(log_probs, targets, mask)``. ``log_probs`` is float32 ``(batch, width, vocab)``,
-        where ``width`` is the longest completion and slot ``j`` holds the distribution over
-        completion token ``j``. ``targets`` ``(batch, width)`` holds the completion token ids,
+        where ``width`` is the longest completion and slot ``j`` contains the distribution over
+        completion token ``j``. ``targets`` ``(batch, width)`` contains the completion token ids,
         and ``mask`` ``(batch, width)`` is False in padding slots, whose values are meaningless.
     """
     batch_size, seq_len = input_ids.shape
@@ -208,12 +208,14 @@ def completion_log_softmax(
     device = input_ids.device
     score_positions = score_positions.to(device)
     mask = mask.to(device)
-    kept = torch.unique(score_positions[mask])  # sorted, shared by all rows
-    logits = _logits_at_positions(model, input_ids, attention_mask, kept)  # (batch, kept, vocab)
+    kept_positions = torch.unique(score_positions[mask])  # sorted, shared by all rows
+    logits = _logits_at_positions(model, input_ids, attention_mask, kept_positions)
+    # logits: (batch, len(kept_positions), vocab)
 
-    # Map every score position to its column among the kept positions; padding slots are
+    # Map every score position to its column among the kept positions. Padding slots are
     # clamped to a valid column and stay masked.
-    columns = torch.searchsorted(kept, score_positions).clamp(max=len(kept) - 1)
+    columns = torch.searchsorted(kept_positions, score_positions)
+    columns = columns.clamp(max=len(kept_positions) - 1)
     rows = torch.arange(batch_size, device=device)[:, None]
     log_probs = logits[rows, columns].float().log_softmax(dim=-1)  # (batch, width, vocab)
 
@@ -270,7 +272,7 @@ def score_choices(
         model: a causal LM (a transformers model or a PeftModel around one).
         tokenizer: the model's tokenizer.
         prompts: the prompts, e.g. ``format_prompt(text)`` for the sentiment task.
-        choices: the answer strings, each usually starting with a space, e.g. ``" positive"``.
+        choices: the choice strings, each usually starting with a space, e.g. ``" positive"``.
         batch_size: the number of sequences per forward pass.
         show_progress: show a tqdm progress bar over batches.
 
@@ -349,16 +351,16 @@ def _score_batch(
         prompt_lengths=[len(prompt_ids[p]) for p, _, _ in batch],
         lengths=[len(ids) for ids in sequences],
     )
-    log_probs = log_probs.cpu()  # (batch, width, vocab)
-
+    # log_probs: (batch, width, vocab)
     for row, (p, completion, choice_indexes) in enumerate(batch):
-        if len(choice_indexes) > 1 or len(completion) == 1:
-            # Single-token choices: read each choice's token from the first slot.
-            tokens = torch.tensor([choice_ids[c][0] for c in choice_indexes])
-            scores[p, choice_indexes] = log_probs[row, 0, tokens]
+        if len(completion) == 1:
+            # Single-token choices: every choice's token is read from the first slot.
+            tokens = torch.tensor([choice_ids[c][0] for c in choice_indexes], device=device)
+            scores[p, choice_indexes] = log_probs[row, 0, tokens].cpu()
         else:
-            slots = torch.arange(len(completion))
-            scores[p, choice_indexes[0]] = log_probs[row, slots, completion].sum()
+            slots = torch.arange(len(completion), device=device)
+            tokens = torch.tensor(completion, device=device)
+            scores[p, choice_indexes[0]] = log_probs[row, slots, tokens].sum().cpu()
 
 
 def predictions(scores: torch.Tensor) -> list[int]:

