@@ -45,3 +45,43 @@ __all__ = [
     "sentiment_splits",
     "sentiment_training_pairs",
 ]
+
+from loracast.eval.arithmetic import (  # noqa: E402
+    GenerationExample,
+    GenerationResult,
+    arithmetic_splits,
+    arithmetic_training_pairs,
+    evaluate_generation,
+    exact_match,
+    generate_answers,
+)
+from loracast.eval.language_modeling import (  # noqa: E402
+    LanguageModelingResult,
+    bits_per_byte,
+    evaluate_language_modeling,
+)
+from loracast.eval.user_tasks import (  # noqa: E402
+    ChoiceExample,
+    UserTask,
+    evaluate_user_task,
+    load_user_task,
+    read_user_examples,
+)
+
+__all__ += [
+    "ChoiceExample",
+    "GenerationExample",
+    "GenerationResult",
+    "LanguageModelingResult",
+    "UserTask",
+    "arithmetic_splits",
+    "arithmetic_training_pairs",
+    "bits_per_byte",
+    "evaluate_generation",
+    "evaluate_language_modeling",
+    "evaluate_user_task",
+    "exact_match",
+    "generate_answers",
+    "load_user_task",
+    "read_user_examples",
+]
