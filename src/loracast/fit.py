@@ -31,7 +31,7 @@ class HeadFitConfig:
 
     ridge_alphas: Sequence[float] = DEFAULT_RIDGE_ALPHAS
     mlp_hidden: int = 128
-    mlp_steps: int = 200
+    mlp_steps: int = 150
     mlp_lr: float = 1e-3
     mlp_batch_size: int = 256
     seed: int = 0
@@ -122,7 +122,10 @@ def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config) -> float:
     head.mlp[0].reset_parameters()  # seeded, so a refit with the same seed is identical
     head.linear.requires_grad_(False)
     optimizer = torch.optim.Adam(head.mlp.parameters(), lr=config.mlp_lr)
-    target = (y_train - head.out_mean) / head.out_std
+    # The linear part is frozen, so its share of the standardised target is computed once.
+    with torch.no_grad():
+        z_train = (x_train - head.in_mean) / head.in_std
+        residual = (y_train - head.out_mean) / head.out_std - head.linear(z_train)
 
     with torch.no_grad():
         best_score = r2_score(head(x_val), y_val)
@@ -130,7 +133,7 @@ def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config) -> float:
     evaluate_every = max(1, config.mlp_steps // 5)
     for step in range(1, config.mlp_steps + 1):
         index = torch.randint(0, x_train.shape[0], (config.mlp_batch_size,), generator=generator)
-        loss = (head.standardised(x_train[index]) - target[index]).pow(2).mean()
+        loss = (head.mlp(z_train[index]) - residual[index]).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
