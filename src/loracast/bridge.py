@@ -220,6 +220,98 @@ def _split_by_text(recording: Recording, fraction: float, seed: int):
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
+def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Site, Site]]:
+    layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
+    anchors = {site: anchor_for(source.model, target.model, site, layer_map) for site in sites}
+    return layer_map, anchors
+
+
+def record_corpus(
+    source,
+    target,
+    corpus: Sequence[str],
+    sites: Sequence[Site],
+    config: BridgeConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> Recording:
+    """Record the sites and their anchors on a general corpus, for ``fit_bridge_from_recording``.
+
+    The wall time is stored in ``recording.stats["record_seconds"]``.
+
+    Raises:
+        ValueError: a site's module has no matching role in the target, or the corpus yields no
+            aligned position.
+    """
+    config = config or BridgeConfig()
+    _, anchors = _anchors(source, target, sites)
+    started = time.perf_counter()
+    recording = record_pair(
+        source,
+        target,
+        corpus,
+        sorted({site.name for site in sites}),
+        sorted({anchor.name for anchor in anchors.values()}),
+        max_tokens=config.max_tokens,
+        batch_size=config.batch_size,
+        max_positions=config.max_positions,
+        show_progress=show_progress,
+    )
+    recording.stats["record_seconds"] = round(time.perf_counter() - started, 2)
+    return recording
+
+
+def fit_bridge_from_recording(
+    source,
+    target,
+    recording: Recording,
+    sites: Sequence[Site],
+    config: BridgeConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> Bridge:
+    """Fit encoder and decoder heads per site on an existing recording.
+
+    Several head variants (linear or MLP heads, other seeds) can be fitted from one recording.
+
+    Raises:
+        ValueError: the recording lacks a site or anchor, or holds too few passages.
+    """
+    config = config or BridgeConfig()
+    layer_map, anchors = _anchors(source, target, sites)
+    for site in sites:
+        if site.name not in recording.source or anchors[site].name not in recording.target:
+            raise ValueError(
+                f"the recording has no activations for {site.name} or its anchor "
+                f"{anchors[site].name}; record the corpus with these sites"
+            )
+
+    started = time.perf_counter()
+    train, val = _split_by_text(recording, config.validation_fraction, config.seed)
+    fitted = {}
+    encoders: dict = {}
+    for site in tqdm(list(sites), desc="fitting heads", disable=not show_progress):
+        fitted[site] = _fit_site(
+            source, recording, site, anchors[site], train, val, config.head, encoders
+        )
+    fit_seconds = time.perf_counter() - started
+
+    stats = {
+        **recording.stats,
+        "train_positions": len(train),
+        "validation_positions": len(val),
+        "fit_seconds": round(fit_seconds, 2),
+    }
+    return Bridge(
+        source=model_identity(source),
+        target=model_identity(target),
+        layer_map=layer_map,
+        sites=fitted,
+        config=asdict(config),
+        stats=stats,
+    )
+
+
 def fit_bridge(
     source,
     target,
@@ -240,56 +332,15 @@ def fit_bridge(
 
     Returns:
         The fitted bridge, with per-site held-out R² in each ``SiteHeads.metrics`` and wall times
-        in ``stats``.
+        (``record_seconds``, ``fit_seconds``) in ``stats``.
 
     Raises:
         ValueError: a site's module has no matching role in the target, or the corpus is too
             small.
     """
-    config = config or BridgeConfig()
-    layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
-    anchors = {site: anchor_for(source.model, target.model, site, layer_map) for site in sites}
-    site_names = sorted({site.name for site in sites})
-    anchor_names = sorted({anchor.name for anchor in anchors.values()})
-
-    started = time.perf_counter()
-    recording = record_pair(
-        source,
-        target,
-        corpus,
-        site_names,
-        anchor_names,
-        max_tokens=config.max_tokens,
-        batch_size=config.batch_size,
-        max_positions=config.max_positions,
-        show_progress=show_progress,
-    )
-    record_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    train, val = _split_by_text(recording, config.validation_fraction, config.seed)
-    fitted = {}
-    encoders: dict = {}
-    for site in tqdm(list(sites), desc="fitting heads", disable=not show_progress):
-        fitted[site] = _fit_site(
-            source, recording, site, anchors[site], train, val, config.head, encoders
-        )
-    fit_seconds = time.perf_counter() - started
-
-    stats = {
-        **recording.stats,
-        "train_positions": len(train),
-        "validation_positions": len(val),
-        "record_seconds": round(record_seconds, 2),
-        "fit_seconds": round(fit_seconds, 2),
-    }
-    return Bridge(
-        source=model_identity(source),
-        target=model_identity(target),
-        layer_map=layer_map,
-        sites=fitted,
-        config=asdict(config),
-        stats=stats,
+    recording = record_corpus(source, target, corpus, sites, config, show_progress=show_progress)
+    return fit_bridge_from_recording(
+        source, target, recording, sites, config, show_progress=show_progress
     )
 
 
