@@ -85,3 +85,33 @@ __all__ += [
     "load_user_task",
     "read_user_examples",
 ]
+
+from loracast.eval.metrics import (  # noqa: E402
+    bootstrap_ci,
+    bootstrap_mean_ci,
+    gain_recovered,
+    negative_flips,
+    retained,
+    seed_summary,
+)
+from loracast.eval.shakespeare import (  # noqa: E402
+    load_shakespeare_passages,
+    load_shakespeare_plays,
+    shakespeare_archive,
+    shakespeare_splits,
+    shakespeare_training_pairs,
+)
+
+__all__ += [
+    "bootstrap_ci",
+    "bootstrap_mean_ci",
+    "gain_recovered",
+    "load_shakespeare_passages",
+    "load_shakespeare_plays",
+    "negative_flips",
+    "retained",
+    "seed_summary",
+    "shakespeare_archive",
+    "shakespeare_splits",
+    "shakespeare_training_pairs",
+]

@@ -1,0 +1,142 @@
+"""Write the benchmark report: benchmarks.json, benchmarks.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| method | score | gain recovered | 95% interval | retained | negative flips |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        interval = row.get("gain_recovered_ci")
+        interval_text = f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        spread = row.get("gain_recovered_seeds")
+        gain = _fmt(row["gain_recovered"])
+        if spread:
+            gain += f" (± {spread['std']:.3f} over {spread['n']} seeds)"
+        lines.append(
+            f"| {row['method']} | {_fmt(row['score'])} | {gain} | {interval_text} | "
+            f"{_fmt(row['retained'])} | {_fmt(row['negative_flips'])} |"
+        )
+    return lines
+
+
+def _plot_task(rows: list[dict], title: str, path: Path) -> None:
+    carried = [row for row in rows if row["gain_recovered"] is not None]
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    names = [row["method"] for row in carried]
+    values = [row["gain_recovered"] for row in carried]
+    errors = [
+        [0, 0]
+        if not row.get("gain_recovered_ci")
+        else [
+            row["gain_recovered"] - row["gain_recovered_ci"][0],
+            row["gain_recovered_ci"][1] - row["gain_recovered"],
+        ]
+        for row in carried
+    ]
+    axis.bar(names, values, yerr=list(zip(*errors, strict=True)) if errors else None, capsize=3)
+    axis.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_ylabel("gain recovered")
+    axis.set_title(title, fontsize=9)
+    axis.tick_params(axis="x", labelrotation=30, labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_r2(records: list[dict], title: str, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 3))
+    labels = [
+        record["site"].replace("model.layers.", "").replace("self_attn.", "") for record in records
+    ]
+    axis.plot(labels, [r["metrics"]["encoder_r2"] for r in records], "o-", label="encoder")
+    axis.plot(labels, [r["metrics"]["decoder_r2"] for r in records], "s-", label="decoder")
+    axis.set_ylabel("held-out R²")
+    axis.set_title(title, fontsize=9)
+    axis.tick_params(axis="x", labelrotation=90, labelsize=5)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _slug(text: str) -> str:
+    return "".join(char if char.isalnum() else "-" for char in text).strip("-").lower()
+
+
+def write_report(document: dict, out: Path) -> None:
+    """Write ``benchmarks.json``, ``benchmarks.md`` and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = out / "benchmarks"
+    plots.mkdir(exist_ok=True)
+    _atomic_write(out / "benchmarks.json", json.dumps(document, indent=2) + "\n")
+
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {document['machine']}. Date: {document['date']}. "
+        f"Commit: {document['commit']}. Wall time: {document['wall_seconds']} s.",
+        "",
+        f"Command: `{document['command']}`",
+        "",
+    ]
+    if document["quick"]:
+        lines += ["**Quick mode: tiny sizes for smoke testing; these numbers mean nothing.**", ""]
+    for costs in document["costs"]:
+        direction = costs["direction"]
+        lines += [f"## {direction}", ""]
+        for task in costs["tasks"]:
+            rows = [
+                row
+                for row in document["runs"]
+                if row["direction"] == direction and row["task"] == task
+            ]
+            if not rows:
+                continue
+            metric = rows[0]["metric"]
+            better = "higher" if rows[0]["higher_is_better"] else "lower"
+            lines += [f"### {task} ({metric}, {better} is better)", "", *_table(rows), ""]
+            plot = plots / f"{_slug(direction)}-{task}.png"
+            _plot_task(rows, f"{direction}: {task}", plot)
+            lines += [f"![{task}](benchmarks/{plot.name})", ""]
+        for name, records in costs.get("r2", {}).items():
+            plot = plots / f"{_slug(direction)}-r2-{_slug(name)}.png"
+            _plot_r2(records, f"{direction}: held-out R² per site ({name})", plot)
+            lines += [f"![R² {name}](benchmarks/{plot.name})", ""]
+        lines += [
+            "Costs:",
+            "",
+            "```json",
+            json.dumps({key: value for key, value in costs.items() if key != "r2"}, indent=2),
+            "```",
+            "",
+        ]
+    _atomic_write(out / "benchmarks.md", "\n".join(lines) + "\n")
