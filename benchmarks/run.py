@@ -73,7 +73,9 @@ class Settings:
     max_passages: int = 400
     max_positions: int = 12000
     mlp_hidden: int = 128
-    recipe: LoraRecipe = field(default_factory=LoraRecipe)
+    mlp_steps: int = 150
+    # Shakespeare passages run to about 250 tokens, so the one recipe allows 320.
+    recipe: LoraRecipe = field(default_factory=lambda: LoraRecipe(max_length=320))
     speed_tokens: int = 2048
 
     @classmethod
@@ -269,10 +271,13 @@ def _check_corpus_overlap(corpus: list[str], held_out: list[str], n: int = 8) ->
     return sum(1 for text in held_out if grams(text) & corpus_grams)
 
 
-def run_direction(source_name, target_name, settings, cache, task_names) -> tuple[list, dict]:
+def run_direction(
+    source_name, target_name, settings, cache, task_names, model_cache=None
+) -> tuple[list, dict]:
     """Run every task and method for one direction; returns result rows and cost figures."""
     direction = f"{source_name}->{target_name}"
-    source, target = load_model(source_name, cache=cache), load_model(target_name, cache=cache)
+    source = load_model(source_name, cache=model_cache)
+    target = load_model(target_name, cache=model_cache)
     corpus = load_corpus(settings.corpus, max_passages=settings.max_passages)
     rows, costs = [], {"direction": direction, "tasks": {}}
 
@@ -421,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, costs = [], []
     for source_name, target_name in pairs:
         direction_rows, direction_costs = run_direction(
-            source_name, target_name, settings, cache, args.tasks
+            source_name, target_name, settings, cache, args.tasks, args.cache_dir
         )
         rows.extend(direction_rows)
         costs.append(direction_costs)
