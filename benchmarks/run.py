@@ -88,6 +88,7 @@ class Settings:
             max_passages=12,
             max_positions=600,
             mlp_hidden=16,
+            mlp_steps=20,
             speed_tokens=256,
         )
 
@@ -183,7 +184,7 @@ def _fit_bridges(source, target, corpus, sites, settings, cache) -> tuple[dict, 
         config = BridgeConfig(
             max_positions=settings.max_positions,
             seed=seed,
-            head=HeadFitConfig(mlp_hidden=mlp_hidden, seed=seed),
+            head=HeadFitConfig(mlp_hidden=mlp_hidden, mlp_steps=settings.mlp_steps, seed=seed),
         )
         key = _key(
             {

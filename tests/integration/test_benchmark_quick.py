@@ -33,17 +33,16 @@ def _load_benchmark():
 
 def test_quick_benchmark_writes_report(tmp_path):
     benchmark = _load_benchmark()
-    assert benchmark.main(["--quick", "--out", str(tmp_path)]) == 0
+    # One direction keeps the test near 10 minutes on a 2-core CPU; the other direction runs
+    # the same code with the models swapped.
+    assert benchmark.main(["--quick", "--directions", "forward", "--out", str(tmp_path)]) == 0
 
     document = json.loads((tmp_path / "benchmarks.json").read_text())
     for key in ("machine", "date", "commit", "command", "runs", "costs"):
         assert key in document
     runs = document["runs"]
     directions = {run["direction"] for run in runs}
-    assert directions == {
-        "smollm2-135m-instruct->gemma-3-270m",
-        "gemma-3-270m->smollm2-135m-instruct",
-    }
+    assert directions == {"smollm2-135m-instruct->gemma-3-270m"}
     assert {run["task"] for run in runs} == {"sentiment", "arithmetic", "shakespeare"}
     for run in runs:
         assert REQUIRED_RUN_KEYS <= set(run)
