@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ REQUIRED_RUN_KEYS = {
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmarks" / "run.py")
     module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the file executes.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
