@@ -370,6 +370,7 @@ def _seed_rows(rows: list[dict], seeds) -> list[dict]:
     for members in groups.values():
         gains = [member["gain_recovered"] for member in members]
         first = members[0]
+        # The interval stays the first seed's; gain_recovered_seeds gives the spread over seeds.
         summary.append(
             {
                 **first,
