@@ -3,10 +3,11 @@
 Usage:
     python benchmarks/label_bias_control.py --cartridge ~/.cache/loracast/demo/cartridge
 
-Prints, on the test split: the target base and target + cartridge accuracy; the accuracy of the
-best constant bias on the target base's three label scores, fitted on the labelled validation
-split (a control, not a method); the mean push toward the correct label (the change of the
-correct label's centred log-likelihood); and the mean shift per label.
+It prints four figures on the test split. The first two are the accuracies of the target base
+and of target + cartridge. The third is the accuracy of the best constant bias on the target
+base's three label scores, fitted on the labelled validation split (a control, not a method).
+The last is the mean push toward the correct label, which is the change of the correct label's
+centred log-likelihood, with the mean shift per label beside it.
 """
 
 from __future__ import annotations
