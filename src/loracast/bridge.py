@@ -275,7 +275,7 @@ def fit_bridge_from_recording(
     Several head variants (linear or MLP heads, other seeds) can be fitted from one recording.
 
     Raises:
-        ValueError: the recording lacks a site or anchor, or holds too few passages.
+        ValueError: the recording lacks a site or anchor, or contains too few passages.
     """
     config = config or BridgeConfig()
     layer_map, anchors = _anchors(source, target, sites)
@@ -349,13 +349,16 @@ def _fit_site(source, recording, site, anchor, train, val, head_config, encoders
     anchor_data = recording.target[anchor.name]
     x_t, x_s = anchor_data["input"], site_data["input"]
     y_s, y_t = site_data["output"], anchor_data["output"]
+
     # Sites that read the same input (q, k and v of one layer) share one encoder.
     group = INPUT_GROUPS[role_of(source.model, site.module)]
     key = (site.layer, anchor.layer, group)
     if key not in encoders:
         encoders[key] = fit_head(x_t[train], x_s[train], x_t[val], x_s[val], head_config)
     encoder, encoder_metrics = encoders[key]
+
     decoder, decoder_metrics = fit_head(y_s[train], y_t[train], y_s[val], y_t[val], head_config)
+
     module = source.model.get_submodule(site.name)
     bias = module.bias.detach().float().cpu().clone() if module.bias is not None else None
     metrics = {f"encoder_{key}": value for key, value in encoder_metrics.items()}

@@ -23,8 +23,8 @@ DEMO_CORPORA = {
 def split_passages(text: str, min_chars: int = 200, max_chars: int = 1200) -> list[str]:
     """Split a document into passages of whole paragraphs, about ``min_chars``–``max_chars`` long.
 
-    Paragraphs are separated by blank lines. A paragraph longer than ``max_chars`` stays whole;
-    passages shorter than ``min_chars`` at the end of a document are dropped unless the document
+    Paragraphs are separated by blank lines. A paragraph longer than ``max_chars`` stays whole.
+    A passage shorter than ``min_chars`` at the end of a document is dropped, unless the document
     has no other passage.
     """
     paragraphs = [" ".join(part.split()) for part in text.split("\n\n")]
@@ -109,7 +109,7 @@ def load_corpus(
             or a folder of such files.
         max_passages: keep at most this many passages after shuffling.
         seed: shuffling seed.
-        text_field: the JSONL field that holds the text.
+        text_field: the JSONL field that contains the text.
 
     Returns:
         Passages of whole paragraphs.
