@@ -147,7 +147,7 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         site = parse_site(name)
         kernels[site] = Kernel(A=A, B=B, scale=_scale(config, module_key, A.shape[0]))
     if not kernels:
-        raise ValueError(f"{folder / WEIGHTS_FILE} holds no lora_A/lora_B weights")
+        raise ValueError(f"{folder / WEIGHTS_FILE} contains no lora_A/lora_B weights")
     unsaved = config.get("modules_to_save")
     if unsaved:
         logger.warning("modules_to_save %s are fully trained copies and are not carried", unsaved)
@@ -158,8 +158,8 @@ def validate_adapter(adapter: Adapter, source: nn.Module) -> None:
     """Check that every site exists in the source model as a linear layer of matching shape.
 
     Raises:
-        ValueError: a module is missing or its shape differs; the message names the module and
-            both shapes and says the adapter was trained for another base model.
+        ValueError: a module is missing or its shape differs. The message names the module and
+            both shapes, and states that the adapter was trained for another base model.
     """
     hint = (
         f"the adapter (base model {adapter.base_model!r}) was trained for another base model; "

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from loracast.adapters import (
 )
 from loracast.architectures import Site, anchor_for, num_layers, relative_depth_layer_map
 from loracast.models import LoadedModel
-from loracast.serialization import make_staging_folder, provenance
+from loracast.serialization import make_staging_folder, provenance, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -260,13 +258,7 @@ def _write_peft_folder(
         (staging / BASELINE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if not (staging / CONFIG_FILE).is_file():
             raise RuntimeError(f"peft's LoraConfig.save_pretrained did not write {CONFIG_FILE}")
-        if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, retired / "old")
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

