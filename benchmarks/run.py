@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import PeftModel
 
@@ -67,22 +68,32 @@ class Settings:
 
     n_train: int = 400
     n_test: int = 200
-    n_test_shakespeare: int = 100
+    # Language-model training scores every token against Gemma's 262k vocabulary, about 40 s
+    # per step of 8 passages on 2 CPU cores, so the Shakespeare adapter sees fewer examples.
+    n_train_shakespeare: int = 128
+    n_test_shakespeare: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
     corpus: str = "bbc-news"
     max_passages: int = 400
-    max_positions: int = 12000
+    max_positions: int = 10000
     mlp_hidden: int = 128
     mlp_steps: int = 150
-    # Shakespeare passages run to about 250 tokens, so the one recipe allows 320.
-    recipe: LoraRecipe = field(default_factory=lambda: LoraRecipe(max_length=320))
+    # Shakespeare passages (200-500 characters) run to about 150 tokens; the recipe allows 192.
+    recipe: LoraRecipe = field(default_factory=lambda: LoraRecipe(max_length=192))
     speed_tokens: int = 2048
+
+    def sizes(self, task: str) -> tuple[int, int]:
+        """Return ``(n_train, n_test)`` for a task."""
+        if task == "shakespeare":
+            return self.n_train_shakespeare, self.n_test_shakespeare
+        return self.n_train, self.n_test
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(
             n_train=16,
             n_test=12,
+            n_train_shakespeare=8,
             n_test_shakespeare=4,
             seeds=(0,),
             max_passages=12,
@@ -105,7 +116,7 @@ def _train_adapter(loaded, task, examples, settings, cache) -> tuple[Path, float
             "model": loaded.name,
             "fingerprint": loaded.fingerprint,
             "task": task.name,
-            "n_train": settings.n_train,
+            "n_train": settings.sizes(task.name)[0],
             "recipe": settings.recipe.to_dict(),
             "loracast": loracast.__version__,
         }
@@ -125,6 +136,62 @@ def _train_adapter(loaded, task, examples, settings, cache) -> tuple[Path, float
         )
     record = json.loads((folder / "training.json").read_text())
     return folder, float(record.get("wall_time_s", 0.0))
+
+
+def _code_version() -> str:
+    """Hash the evaluation code, so cached scores go stale when the code that made them changes."""
+    files = sorted((ROOT / "src" / "loracast" / "eval").glob("*.py"))
+    files.append(Path(__file__).resolve().parent / "tasks.py")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class ScoreCache:
+    """Per-example scores on disk, keyed by the task, its held-out set, the model and the method.
+
+    ``artifact`` names what was attached (an adapter or bridge folder, whose names already hold
+    the hash of what produced them), so a rerun evaluates only what is new.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.code = _code_version()
+
+    def evaluate(self, task, loaded, examples, artifact, *, adapter=None, cartridge=None):
+        payload = {
+            "task": task.name,
+            "examples": hashlib.sha256(
+                "\x00".join(task.held_out_texts(examples)).encode()
+            ).hexdigest(),
+            "model": loaded.fingerprint,
+            "artifact": artifact,
+            "code": self.code,
+            "loracast": loracast.__version__,
+        }
+        path = self.folder / f"{task.name}-{_key(payload)}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            scores = Scores(
+                values=np.array(record["values"]),
+                weights=None if record["weights"] is None else np.array(record["weights"]),
+                correct=record["correct"],
+            )
+            return scores, record["seconds"]
+        scores, seconds = _evaluate(task, loaded, examples, adapter=adapter, cartridge=cartridge)
+        record = {
+            "payload": payload,
+            "values": scores.values.tolist(),
+            "weights": None if scores.weights is None else scores.weights.tolist(),
+            "correct": scores.correct,
+            "seconds": seconds,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".tmp")
+        staging.write_text(json.dumps(record))
+        os.replace(staging, path)
+        return scores, seconds
 
 
 def _evaluate(task, loaded, examples, *, adapter=None, cartridge=None) -> tuple[Scores, float]:
@@ -213,6 +280,7 @@ def _fit_bridges(source, target, corpus, sites, settings, cache) -> tuple[dict, 
             bridge.save(folder, overwrite=True)
             bridges[name] = bridge
         costs[name] = {
+            "folder": folder.name,
             "record_seconds": bridges[name].stats.get("record_seconds"),
             "fit_seconds": bridges[name].stats.get("fit_seconds"),
         }
@@ -272,6 +340,67 @@ def _check_corpus_overlap(corpus: list[str], held_out: list[str], n: int = 8) ->
     return sum(1 for text in held_out if grams(text) & corpus_grams)
 
 
+def _train_task_adapters(source, target, corpus, tasks, settings, cache, costs):
+    """Train (or reuse) each task's source adapter and retrained target LoRA."""
+    adapters, splits = {}, {}
+    for task in tasks:
+        train, test = task.splits(0, *settings.sizes(task.name))
+        splits[task.name] = (train, test)
+        source_adapter, _ = _train_adapter(source, task, train, settings, cache)
+        retrained, retrain_seconds = _train_adapter(target, task, train, settings, cache)
+        adapters[task.name] = (source_adapter, retrained)
+        overlap = _check_corpus_overlap(corpus, task.held_out_texts(test))
+        costs["tasks"][task.name] = {
+            "retrain_seconds": round(retrain_seconds, 1),
+            "held_out_texts_sharing_8gram_with_corpus": overlap,
+        }
+    return adapters, splits
+
+
+def _baseline_folders(source, target, source_adapter, cache, svd_cache, task_costs):
+    """Build (or reuse) the weight-projection and, where shapes allow, the copy baseline."""
+    direction = f"{source.name}->{target.name}"
+    folders = {}
+    projected = cache / "baselines" / f"weight-projection-{direction}-{source_adapter.name}"
+    if not projected.exists():
+        weight_space_transfer(source, target, source_adapter, projected, svd_cache=svd_cache)
+    folders["weight-projection"] = projected
+    copied = cache / "baselines" / f"copy-{direction}-{source_adapter.name}"
+    try:
+        if not copied.exists():
+            copy_transfer(source, target, source_adapter, copied)
+        folders["copy"] = copied
+    except ValueError as error:
+        task_costs["copy"] = f"not applicable: {error}"
+    return folders
+
+
+def _evaluate_task(task, test, source, target, adapters, bridges, context):
+    """Evaluate every row of one task; returns ``{method: (scores, seconds)}``."""
+    scores, cache, svd_cache, costs = context
+    source_adapter, retrained = adapters
+    evaluations = {
+        "source-base": scores.evaluate(task, source, test, "base"),
+        "source-adapter": scores.evaluate(
+            task, source, test, source_adapter.name, adapter=source_adapter
+        ),
+        "target-base": scores.evaluate(task, target, test, "base"),
+        "target-retrained": scores.evaluate(task, target, test, retrained.name, adapter=retrained),
+    }
+    adapter = load_adapter(source_adapter)
+    for name, bridge in bridges.items():
+        artifact = f"{costs['bridges'][name]['folder']}+{source_adapter.name}"
+        evaluations[name] = scores.evaluate(
+            task, target, test, artifact, cartridge=build_cartridge(bridge, adapter)
+        )
+    task_costs = costs["tasks"][task.name]
+    for method, folder in _baseline_folders(
+        source, target, source_adapter, cache, svd_cache, task_costs
+    ).items():
+        evaluations[method] = scores.evaluate(task, target, test, folder.name, adapter=folder)
+    return evaluations
+
+
 def run_direction(
     source_name, target_name, settings, cache, task_names, model_cache=None
 ) -> tuple[list, dict]:
@@ -282,20 +411,8 @@ def run_direction(
     corpus = load_corpus(settings.corpus, max_passages=settings.max_passages)
     rows, costs = [], {"direction": direction, "tasks": {}}
 
-    tasks, adapters, splits = [TASKS[name] for name in task_names], {}, {}
-    for task in tasks:
-        n_test = settings.n_test_shakespeare if task.name == "shakespeare" else settings.n_test
-        train, test = task.splits(0, settings.n_train, n_test)
-        splits[task.name] = (train, test)
-        source_adapter, _ = _train_adapter(source, task, train, settings, cache)
-        retrained, retrain_seconds = _train_adapter(target, task, train, settings, cache)
-        adapters[task.name] = (source_adapter, retrained)
-        overlap = _check_corpus_overlap(corpus, task.held_out_texts(test))
-        costs["tasks"][task.name] = {
-            "retrain_seconds": round(retrain_seconds, 1),
-            "held_out_texts_sharing_8gram_with_corpus": overlap,
-        }
-
+    tasks = [TASKS[name] for name in task_names]
+    adapters, splits = _train_task_adapters(source, target, corpus, tasks, settings, cache, costs)
     sites = sorted(
         {site for folder, _ in adapters.values() for site in load_adapter(folder).kernels},
         key=lambda s: (s.layer, s.module),
@@ -307,54 +424,29 @@ def run_direction(
         if name.endswith("seed0") or name == "cartridge-linear"
     }
 
+    # The base weights' SVDs are shared by every adapter's weight projection in this direction.
+    context = (ScoreCache(cache / "scores"), cache, {}, costs)
     for task in tasks:
         _, test = splits[task.name]
-        source_adapter, retrained = adapters[task.name]
-        evaluations = {
-            "source-base": _evaluate(task, source, test),
-            "source-adapter": _evaluate(task, source, test, adapter=source_adapter),
-            "target-base": _evaluate(task, target, test),
-            "target-retrained": _evaluate(task, target, test, adapter=retrained),
-        }
-        adapter = load_adapter(source_adapter)
-        for name, bridge in bridges.items():
-            cartridge = build_cartridge(bridge, adapter)
-            evaluations[name] = _evaluate(task, target, test, cartridge=cartridge)
-        projected = cache / "baselines" / f"weight-projection-{direction}-{source_adapter.name}"
-        if not projected.exists():
-            weight_space_transfer(source, target, source_adapter, projected)
-        evaluations["weight-projection"] = _evaluate(task, target, test, adapter=projected)
-        try:
-            copied = cache / "baselines" / f"copy-{direction}-{source_adapter.name}"
-            if not copied.exists():
-                copy_transfer(source, target, source_adapter, copied)
-            evaluations["copy"] = _evaluate(task, target, test, adapter=copied)
-        except ValueError as error:
-            costs["tasks"][task.name]["copy"] = f"not applicable: {error}"
-
+        evaluations = _evaluate_task(
+            task, test, source, target, adapters[task.name], bridges, context
+        )
         base = evaluations["target-base"][0]
         reference = evaluations["target-retrained"][0]
         for method, (scores, seconds) in evaluations.items():
+            source_side = method.startswith("source")
             rows.append(
-                _row(
-                    direction,
-                    task,
-                    method,
-                    scores,
-                    base,
-                    reference,
-                    method.startswith("source"),
-                    seconds,
-                )
+                _row(direction, task, method, scores, base, reference, source_side, seconds)
             )
+
+        source_adapter, retrained = adapters[task.name]
         first_bridge = bridges[f"cartridge-mlp-seed{settings.seeds[0]}"]
+        cartridge = build_cartridge(first_bridge, load_adapter(source_adapter))
         costs["tasks"][task.name]["tokens_per_second"] = {
             "target-retrained": _tokens_per_second(
                 target, settings.speed_tokens, adapter=retrained
             ),
-            "cartridge": _tokens_per_second(
-                target, settings.speed_tokens, cartridge=build_cartridge(first_bridge, adapter)
-            ),
+            "cartridge": _tokens_per_second(target, settings.speed_tokens, cartridge=cartridge),
         }
         logger.info("%s %s done", direction, task.name)
     return rows, costs

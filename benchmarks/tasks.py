@@ -77,8 +77,15 @@ def _arithmetic_splits(seed, n_train, n_test):
     return splits.train, splits.test
 
 
+# Short passages keep language-model training affordable on a CPU (see Settings in run.py).
+SHAKESPEARE_CHARS = (200, 500)
+
+
 def _shakespeare_splits(seed, n_train, n_test):
-    splits = shakespeare_splits(seed=seed, n_train=n_train, n_test=n_test)
+    min_chars, max_chars = SHAKESPEARE_CHARS
+    splits = shakespeare_splits(
+        seed=seed, n_train=n_train, n_test=n_test, min_chars=min_chars, max_chars=max_chars
+    )
     return splits.train, splits.test
 
 

@@ -88,11 +88,25 @@ def _top_singular_vectors(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     return U_k * signs, V_k * signs
 
 
+def _cached_singular_vectors(
+    weight: torch.Tensor, k: int, cache: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache is None:
+        return _top_singular_vectors(weight, k)
+    # _version changes on every in-place write, so an edited weight never reuses a stale SVD.
+    key = (weight.data_ptr(), tuple(weight.shape), weight._version, k)
+    if key not in cache:
+        cache[key] = _top_singular_vectors(weight, k)
+    return cache[key]
+
+
 def project_delta(
     delta_source: torch.Tensor,
     weight_source: torch.Tensor,
     weight_target: torch.Tensor,
     k: int,
+    *,
+    svd_cache: dict | None = None,
 ) -> torch.Tensor:
     """Project a source weight update onto a target module through singular coordinates.
 
@@ -112,6 +126,9 @@ def project_delta(
         weight_source: source base weight ``W_s``, shape ``(d_out_s, d_in_s)``.
         weight_target: target base weight ``W_t``, shape ``(d_out_t, d_in_t)``.
         k: number of singular directions, ``1 ≤ k ≤ min(d_out_s, d_in_s, d_out_t, d_in_t)``.
+        svd_cache: a dict owned by the caller that keeps singular vectors between calls, so
+            carrying several adapters between the same two models runs each SVD once. Keep it
+            only while the weights stay loaded.
 
     Returns:
         ``ΔW_t``, shape ``(d_out_t, d_in_t)``, in the dtype of ``delta_source``.
@@ -139,8 +156,8 @@ def project_delta(
             f"{tuple(weight_source.shape)} and {tuple(weight_target.shape)}), got {k!r}"
         )
 
-    U_s, V_s = _top_singular_vectors(weight_source, k)  # (d_out_s, k), (d_in_s, k)
-    U_t, V_t = _top_singular_vectors(weight_target, k)  # (d_out_t, k), (d_in_t, k)
+    U_s, V_s = _cached_singular_vectors(weight_source, k, svd_cache)  # (d_out_s, k), (d_in_s, k)
+    U_t, V_t = _cached_singular_vectors(weight_target, k, svd_cache)  # (d_out_t, k), (d_in_t, k)
     core = U_s.T @ delta_source.detach().to(torch.float64) @ V_s  # (k, k)
     delta_target = U_t @ core @ V_t.T  # (d_out_t, d_in_t)
     return delta_target.to(delta_source.dtype)
@@ -270,6 +287,7 @@ def _project_anchor(
     anchor: Site,
     contributions: list[tuple[Site, Kernel]],
     rank_k: int | None,
+    svd_cache: dict | None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Return the summed ``ΔW_t`` at one anchor (float64) and the ``k`` used for each site."""
     weight_target = _linear(target.model, anchor, "target").weight
@@ -282,7 +300,9 @@ def _project_anchor(
         if rank_k is not None and rank_k > max_k:
             logger.info("rank_k %d lowered to %d at %s → %s", rank_k, k, site.name, anchor.name)
         delta_source = kernel.scale * (kernel.B.double() @ kernel.A.double())  # (d_out_s, d_in_s)
-        delta_target += project_delta(delta_source, weight_source, weight_target, k)
+        delta_target += project_delta(
+            delta_source, weight_source, weight_target, k, svd_cache=svd_cache
+        )
         ks.append(k)
     return delta_target, ks
 
@@ -295,6 +315,7 @@ def weight_space_transfer(
     *,
     config: WeightProjectionConfig | None = None,
     overwrite: bool = False,
+    svd_cache: dict | None = None,
 ) -> Path:
     """Carry a LoRA to the target through the singular subspaces of the base weights.
 
@@ -312,6 +333,7 @@ def weight_space_transfer(
         out_dir: output folder, a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
         config: projection settings; defaults to ``WeightProjectionConfig()``.
         overwrite: replace ``out_dir`` if it exists.
+        svd_cache: a dict to reuse the base weights' SVDs across calls (see ``project_delta``).
 
     Returns:
         ``out_dir``. It also contains ``loracast_baseline.json`` with the method, ``k`` and the
@@ -330,7 +352,9 @@ def weight_space_transfer(
     factors: dict[Site, tuple[torch.Tensor, torch.Tensor]] = {}
     anchor_records = []
     for anchor, contributions in _anchors(source, target, adapter).items():
-        delta_target, ks = _project_anchor(source, target, anchor, contributions, config.rank_k)
+        delta_target, ks = _project_anchor(
+            source, target, anchor, contributions, config.rank_k, svd_cache
+        )
         rank = max(kernel.rank for _, kernel in contributions)
         A, B, error = refactor_low_rank(delta_target, rank)
         factors[anchor] = (A, B)

@@ -115,6 +115,24 @@ def test_project_delta_matches_numpy_reference():
         assert np.allclose(projected.numpy(), expected, atol=1e-10), f"k={k}"
 
 
+def test_svd_cache_gives_the_same_projection_and_is_reused():
+    generator = torch.Generator().manual_seed(3)
+    weight_source = torch.randn(16, 12, dtype=torch.float64, generator=generator)
+    weight_target = torch.randn(20, 24, dtype=torch.float64, generator=generator)
+    cache: dict = {}
+    for _ in range(2):
+        delta = torch.randn(16, 12, dtype=torch.float64, generator=generator)
+        cached = project_delta(delta, weight_source, weight_target, 6, svd_cache=cache)
+        assert torch.equal(cached, project_delta(delta, weight_source, weight_target, 6))
+    assert len(cache) == 2
+
+    # An in-place edit of a weight must not reuse its old singular vectors.
+    weight_source.mul_(-1.0)
+    edited = project_delta(delta, weight_source, weight_target, 6, svd_cache=cache)
+    assert torch.equal(edited, project_delta(delta, weight_source, weight_target, 6))
+    assert len(cache) == 3
+
+
 def test_project_delta_rejects_bad_input():
     weight = torch.randn(6, 4)
     with pytest.raises(ValueError, match="k must be an integer from 1 to 4"):
