@@ -513,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = argv if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    # The commit is read before the run, so later commits made while it runs are not credited.
+    commit = _commit()
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     pairs = [MODELS] if args.directions == "forward" else [MODELS, MODELS[::-1]]
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema_version": 1,
         "machine": _machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit,
         "command": " ".join(["python", "benchmarks/run.py", *arguments]),
         "quick": args.quick,
         "settings": {**asdict(settings), "recipe": settings.recipe.to_dict()},

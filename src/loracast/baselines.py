@@ -16,27 +16,17 @@ records the method, its settings and the source adapter.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from loracast.adapters import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    Adapter,
-    Kernel,
-    load_adapter,
-    validate_adapter,
-)
+from loracast.adapters import Adapter, Kernel, load_adapter, validate_adapter
 from loracast.architectures import Site, anchor_for, num_layers, relative_depth_layer_map
 from loracast.models import LoadedModel
-from loracast.serialization import make_staging_folder, provenance, replace_folder
+from loracast.peft_export import check_output_free, write_peft_lora
 
 logger = logging.getLogger(__name__)
 
@@ -213,74 +203,6 @@ def _load_checked_adapter(source: LoadedModel, adapter_path: str | Path) -> Adap
     return adapter
 
 
-def _check_output_free(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir} exists; choose another or pass overwrite=True (--overwrite)"
-        )
-
-
-def _pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append zero rows to ``A`` and zero columns to ``B`` up to ``rank``, keeping ``B · A``."""
-    missing = rank - A.shape[0]
-    if missing == 0:
-        return A, B
-    A = torch.cat([A, A.new_zeros(missing, A.shape[1])], dim=0)
-    B = torch.cat([B, B.new_zeros(B.shape[0], missing)], dim=1)
-    return A, B
-
-
-def _write_peft_folder(
-    out_dir: Path,
-    target_name: str,
-    factors: dict[Site, tuple[torch.Tensor, torch.Tensor]],
-    scale: float,
-    record: dict,
-    overwrite: bool,
-) -> Path:
-    """Write the factors as a PEFT LoRA folder for the target, atomically.
-
-    Every anchor gets the same rank (the maximum) and the same scale, with zero padding where an
-    anchor needs fewer ranks. A single ``r`` and ``lora_alpha`` load the same way in every PEFT
-    version, whereas the matching rules of ``rank_pattern`` keys have changed between versions.
-    """
-    from peft import LoraConfig
-
-    rank = max(A.shape[0] for A, _ in factors.values())
-    tensors: dict[str, torch.Tensor] = {}
-    for anchor, (A, B) in sorted(factors.items(), key=lambda item: item[0].name):
-        A, B = _pad_rank(A, B, rank)
-        tensors[f"base_model.model.{anchor.name}.lora_A.weight"] = A.float().contiguous()
-        tensors[f"base_model.model.{anchor.name}.lora_B.weight"] = B.float().contiguous()
-
-    # Full module names restrict the LoRA to the anchors, not every layer with that module.
-    lora_config = LoraConfig(
-        r=rank,
-        lora_alpha=scale * rank,
-        target_modules=sorted(anchor.name for anchor in factors),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        inference_mode=True,
-        base_model_name_or_path=target_name,
-    )
-
-    _check_output_free(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_folder(out_dir)
-    try:
-        lora_config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        record = {**record, "lora_rank": rank, "lora_alpha": scale * rank, **provenance()}
-        (staging / BASELINE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if not (staging / CONFIG_FILE).is_file():
-            raise RuntimeError(f"peft's LoraConfig.save_pretrained did not write {CONFIG_FILE}")
-        replace_folder(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-
-
 def _project_anchor(
     source: LoadedModel,
     target: LoadedModel,
@@ -346,7 +268,7 @@ def weight_space_transfer(
     """
     config = config or WeightProjectionConfig()
     out_dir = Path(out_dir).expanduser()
-    _check_output_free(out_dir, overwrite)
+    check_output_free(out_dir, overwrite)
     adapter = _load_checked_adapter(source, adapter_path)
 
     factors: dict[Site, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -378,7 +300,15 @@ def weight_space_transfer(
         "anchors": anchor_records,
     }
     logger.info("weight-space transfer: %d sites → %d anchors", len(adapter.kernels), len(factors))
-    return _write_peft_folder(out_dir, target.name, factors, 1.0, record, overwrite)
+    return write_peft_lora(
+        out_dir,
+        target.name,
+        factors,
+        scale=1.0,
+        record=record,
+        record_file=BASELINE_FILE,
+        overwrite=overwrite,
+    )
 
 
 def _check_copy_shapes(target: LoadedModel, groups: dict[Site, list[tuple[Site, Kernel]]]) -> None:
@@ -430,7 +360,7 @@ def copy_transfer(
             message names both and their shapes.
     """
     out_dir = Path(out_dir).expanduser()
-    _check_output_free(out_dir, overwrite)
+    check_output_free(out_dir, overwrite)
     adapter = _load_checked_adapter(source, adapter_path)
     groups = _anchors(source, target, adapter)
     _check_copy_shapes(target, groups)
@@ -458,4 +388,12 @@ def copy_transfer(
             for anchor, contributions in groups.items()
         ],
     }
-    return _write_peft_folder(out_dir, target.name, factors, scale, record, overwrite)
+    return write_peft_lora(
+        out_dir,
+        target.name,
+        factors,
+        scale=scale,
+        record=record,
+        record_file=BASELINE_FILE,
+        overwrite=overwrite,
+    )

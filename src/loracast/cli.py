@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from loracast import __version__
 
@@ -139,6 +140,43 @@ def _eval(args) -> int:
     return 0
 
 
+def _bake(args) -> int:
+    from loracast.bake import BakeConfig, bake
+    from loracast.cartridge import Cartridge
+    from loracast.corpus import load_corpus
+    from loracast.peft_export import check_output_free
+
+    # Refuse an existing output before minutes of loading and recording.
+    check_output_free(Path(args.out).expanduser(), args.overwrite)
+    config = BakeConfig(
+        rank=args.rank,
+        bias=args.bias,
+        max_positions=args.max_positions,
+        max_tokens=args.max_tokens,
+    )
+    corpus = load_corpus(args.corpus, max_passages=args.max_passages, text_field=args.text_field)
+    target = _load(args, args.target)
+    cartridge = Cartridge.load(args.cartridge, target=target)
+    result = bake(
+        cartridge,
+        target,
+        corpus,
+        args.out,
+        config=config,
+        card={"corpus": args.corpus, "command": " ".join(["loracast", *sys.argv[1:]])},
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
+    errors = [anchor.relative_error for anchor in result.anchors]
+    print(f"baked PEFT LoRA saved to {result.path}")
+    print(
+        f"anchors: {len(errors)}, rank {max(anchor.rank for anchor in result.anchors)}, "
+        f"held-out relative error mean {sum(errors) / len(errors):.3g}, worst {max(errors):.3g}, "
+        f"{result.seconds:.1f} s"
+    )
+    return 0
+
+
 def _info(args) -> int:
     from loracast.cartridge import CARTRIDGE_CONFIG
     from loracast.serialization import read_config
@@ -244,6 +282,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compare", action="store_true", help="also print the base output")
     _add_model_options(generate)
     generate.set_defaults(handler=_generate)
+
+    baking = commands.add_parser("bake", help="distil a cartridge into a standard PEFT LoRA")
+    baking.add_argument("--cartridge", required=True, help="cartridge folder")
+    baking.add_argument("--target", required=True, help="the cartridge's target model")
+    baking.add_argument("--out", required=True, help="PEFT LoRA folder to write")
+    baking.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="LoRA rank (default: the kernel ranks carried to each anchor, exact for linear heads)",
+    )
+    baking.add_argument(
+        "--bias",
+        action="store_true",
+        help="also fit a bias per anchor (lora_bias): exact for linear heads, but PEFT cannot "
+        "merge it into layers without a bias",
+    )
+    baking.add_argument(
+        "--corpus",
+        default="bbc-news",
+        help="general text to fit on: a .txt/.jsonl file, a folder, or bbc-news (default)",
+    )
+    baking.add_argument("--text-field", default="text", help="JSONL field with the text")
+    baking.add_argument("--max-passages", type=int, default=200, help="corpus passages read")
+    baking.add_argument("--max-tokens", type=int, default=128, help="target tokens per passage")
+    baking.add_argument(
+        "--max-positions", type=int, default=4000, help="token positions recorded per anchor"
+    )
+    baking.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    _add_model_options(baking)
+    baking.set_defaults(handler=_bake)
 
     info = commands.add_parser("info", help="print a cartridge's sites, anchors and held-out R²")
     info.add_argument("cartridge", help="cartridge folder")

@@ -93,3 +93,54 @@ def test_transfer_reports_missing_adapter(model_folders, capsys):
     args[args.index("--adapter") + 1] = str(model_folders / "nowhere")
     assert main(args) == 2
     assert "adapter folder" in capsys.readouterr().err
+
+
+def test_bake_writes_a_peft_folder_that_loads(model_folders, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cartridge = model_folders / "cartridge"
+    assert main(_transfer_args(model_folders, cartridge)) == 0
+    baked = model_folders / "baked"
+    code = main(
+        [
+            "-q",
+            "bake",
+            "--cartridge",
+            str(cartridge),
+            "--target",
+            str(model_folders / "target"),
+            "--corpus",
+            str(model_folders / "corpus.txt"),
+            "--out",
+            str(baked),
+            "--max-positions",
+            "200",
+            "--device",
+            "cpu",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "baked PEFT LoRA saved to" in printed
+    model = AutoModelForCausalLM.from_pretrained(model_folders / "target")
+    peft_model = PeftModel.from_pretrained(model, str(baked))
+    assert len([name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]) == 6
+    assert "loracast bake" in (baked / "README.md").read_text()
+
+    assert (
+        main(
+            [
+                "-q",
+                "bake",
+                "--cartridge",
+                str(cartridge),
+                "--target",
+                str(model_folders / "target"),
+                "--out",
+                str(baked),
+            ]
+        )
+        == 2
+    )
+    assert "--overwrite" in capsys.readouterr().err
