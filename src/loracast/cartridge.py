@@ -39,7 +39,14 @@ CARTRIDGE_WEIGHTS = "cartridge.safetensors"
 
 
 class CarriedSite(nn.Module):
-    """One site's kernel between its encoder and decoder: maps an anchor input to a delta."""
+    """One site's kernel between its encoder and decoder: maps an anchor input to a delta.
+
+    A refined cartridge (``loracast.refine``) also holds two low-rank head corrections in the
+    kernel's own subspace: ``read_correction`` ``(r, d_in_target)`` adds to the kernel's rank-r
+    code what the encoder missed, read from the standardised anchor input, and
+    ``write_correction`` ``(d_out_target, r)`` adds to the decoder what that code should write.
+    The kernel itself stays frozen.
+    """
 
     def __init__(self, heads: SiteHeads, kernel: Kernel) -> None:
         super().__init__()
@@ -52,14 +59,34 @@ class CarriedSite(nn.Module):
             "source_bias", None if heads.source_bias is None else heads.source_bias.float().clone()
         )
         self.kernel_scale = float(kernel.scale)
+        self.read_correction: nn.Parameter | None = None
+        self.write_correction: nn.Parameter | None = None
+
+    @property
+    def is_refined(self) -> bool:
+        return self.read_correction is not None
+
+    def add_corrections(self) -> None:
+        """Create zero head corrections, so the carried delta is unchanged until trained."""
+        rank = self.A.shape[0]
+        self.read_correction = nn.Parameter(torch.zeros(rank, self.encoder.d_in))
+        self.write_correction = nn.Parameter(torch.zeros(self.decoder.d_out, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_source = self.encoder(x)  # (..., d_in_source)
-        change = (x_source @ self.A.T) @ self.B.T * self.kernel_scale  # (..., d_out_source)
+        code = x_source @ self.A.T  # (..., r)
+        if self.read_correction is not None:
+            standardised = (x - self.encoder.in_mean) / self.encoder.in_std
+            code = code + standardised @ self.read_correction.T
+        change = code @ self.B.T * self.kernel_scale  # (..., d_out_source)
         if self.decoder.is_linear:
-            return self.decoder.delta(x_source, change)
-        base = F.linear(x_source, self.source_weight, self.source_bias)
-        return self.decoder.delta(base, change)  # (..., d_out_target)
+            delta = self.decoder.delta(x_source, change)
+        else:
+            base = F.linear(x_source, self.source_weight, self.source_bias)
+            delta = self.decoder.delta(base, change)  # (..., d_out_target)
+        if self.write_correction is not None:
+            delta = delta + (code * self.kernel_scale) @ self.write_correction.T
+        return delta
 
 
 class Cartridge(nn.Module):
@@ -80,6 +107,8 @@ class Cartridge(nn.Module):
             )
         self.bridge = bridge
         self.adapter_info = adapter_info
+        # What refined the heads for this adapter (``loracast.refine``), or None.
+        self.refinement: dict | None = None
         self.kernels = kernels
         self.carried = nn.ModuleDict()
         self.anchors: dict[str, list[str]] = {}
@@ -177,12 +206,17 @@ class Cartridge(nn.Module):
             tensors[f"{site.name}.kernel.A"] = kernel.A
             tensors[f"{site.name}.kernel.B"] = kernel.B
             kernel_records.append({"site": site.name, "rank": kernel.rank, "scale": kernel.scale})
+            carried = self.carried[site.name.replace(".", "__")]
+            if carried.is_refined:
+                tensors[f"{site.name}.read_correction"] = carried.read_correction.detach()
+                tensors[f"{site.name}.write_correction"] = carried.write_correction.detach()
         config = {
             "kind": "cartridge",
             "format_version": FORMAT_VERSION,
             **self.bridge.describe(),
             "adapter": self.adapter_info,
             "kernels": kernel_records,
+            "refinement": self.refinement,
             "provenance": provenance(),
         }
         return write_folder(
@@ -212,6 +246,17 @@ class Cartridge(nn.Module):
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise FormatError(f"{folder}: cartridge contents are inconsistent ({error})") from error
         cartridge = cls(bridge, kernels, config.get("adapter", {}))
+        cartridge.refinement = config.get("refinement")
+        try:
+            for site in kernels:
+                if f"{site.name}.read_correction" in tensors:
+                    carried = cartridge.carried[site.name.replace(".", "__")]
+                    carried.add_corrections()
+                    carried.read_correction.data.copy_(tensors[f"{site.name}.read_correction"])
+                    carried.write_correction.data.copy_(tensors[f"{site.name}.write_correction"])
+        except RuntimeError as error:
+            raise FormatError(f"{folder}: head corrections have wrong shapes ({error})") from error
+        cartridge.requires_grad_(False)
         if target is not None:
             cartridge.check_target(target)
         return cartridge

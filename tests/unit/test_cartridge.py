@@ -19,8 +19,9 @@ PROMPT = "Markets rallied on Tuesday as investors cheered."
 
 
 def _make_cartridge(source, target, corpus, folder, mlp_hidden=0, modules=("q_proj", "v_proj")):
-    save_random_adapter(source.model, folder / "adapter", target_modules=list(modules))
-    source.model = source.model.unload() if hasattr(source.model, "unload") else source.model
+    # get_peft_model injects LoRA layers into the model itself; unload them again.
+    peft_model = save_random_adapter(source.model, folder / "adapter", target_modules=list(modules))
+    source.model = peft_model.unload()
     adapter = load_adapter(folder / "adapter")
     config = BridgeConfig(
         max_positions=400, head=HeadFitConfig(mlp_hidden=mlp_hidden, mlp_steps=20)

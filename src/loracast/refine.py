@@ -1,0 +1,473 @@
+"""Refine a carried adapter so it moves the target as the adapter moves the source.
+
+The objective compares next-token distributions at aligned positions, over the tokens whose
+strings both vocabularies share (``loracast.vocabulary``). The teacher is the target's own
+distribution tilted by the adapter's effect on the source:
+
+    q* ∝ P_target · P_source+adapter / P_source
+
+and the student, the target with the carried adapter, minimises KL(q* ‖ P_target+carried),
+with positions weighted by KL(P_source+adapter ‖ P_source), i.e. by how much the adapter acts
+there. Only general text is used, never task data. Two kinds of text are supported:
+
+- ``general``: every aligned position of general-corpus passages (the strict setting);
+- ``template``: general passages filled into the prompt template the adapter was trained with,
+  trained at the template's last position only. The template is a small piece of task
+  information (no labels, no task examples), so its results belong in their own setting.
+
+Two students are supported:
+
+- ``heads``: the cartridge's heads gain zero-initialised low-rank corrections in the kernel's
+  subspace (see ``CarriedSite``); the kernel and the bridge stay frozen, but the corrections
+  belong to this adapter;
+- ``lora``: a fresh PEFT LoRA on the target trained with the same objective and text, the
+  distillation baseline the kernel and heads must beat.
+
+``behaviour_cosine`` is the functional diagnostic: the cosine between the change the student
+makes to the target's next-token log-probabilities and the change the adapter makes to the
+source's, over the shared vocabulary, on held-out positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from loracast.adapters import Kernel
+from loracast.align import aligned_positions, encode, truncate_text
+from loracast.architectures import Site
+from loracast.capture import decoder_of
+from loracast.cartridge import Cartridge
+from loracast.models import LoadedModel
+from loracast.vocabulary import SharedVocabulary, restricted_logits
+
+logger = logging.getLogger(__name__)
+
+STUDENTS = ("heads", "lora")
+TEXTS = ("general", "template")
+
+
+@dataclass
+class RefineConfig:
+    """Settings of ``refine_cartridge`` and ``distil_lora``.
+
+    Attributes:
+        text: ``general`` (every aligned position of corpus passages) or ``template``
+            (passages filled into ``template``, trained at its last position).
+        template: the adapter's prompt template with a ``{text}`` field; needed for ``template``.
+        max_tokens: source tokens read per passage (``template`` mode cuts the passage itself).
+        max_positions: aligned positions in the teacher set, held-out ones included.
+        validation_fraction: share of the passages held out for early stopping and diagnostics.
+        steps: optimiser steps.
+        batch_size: passages per step.
+        learning_rate: AdamW learning rate of the trained low-rank matrices.
+        weight_positions: weight each position by KL(P_source+adapter ‖ P_source).
+        eval_every: steps between held-out evaluations; the best state is kept.
+        lora_rank: rank of the ``lora`` student.
+        lora_modules: module names of the ``lora`` student.
+        seed: seed of the split, the batch order and the ``lora`` student's initialisation.
+    """
+
+    text: str = "general"
+    template: str | None = None
+    max_tokens: int = 96
+    max_positions: int = 4000
+    validation_fraction: float = 0.1
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_positions: bool = True
+    eval_every: int = 20
+    lora_rank: int = 8
+    lora_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.text not in TEXTS:
+            errors.append(f"text must be one of {TEXTS}, got {self.text!r}")
+        if self.text == "template" and (not self.template or "{text}" not in self.template):
+            errors.append(
+                f"text='template' needs a template with a {{text}} field, got {self.template!r}"
+            )
+        for name in ("max_tokens", "max_positions", "steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.validation_fraction < 1:
+            errors.append(
+                f"validation_fraction must be between 0 and 1, got {self.validation_fraction!r}"
+            )
+        if not self.learning_rate > 0:
+            errors.append(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if errors:
+            raise ValueError("invalid RefineConfig: " + "; ".join(errors))
+
+
+@dataclass
+class TeacherSet:
+    """Teacher distributions at aligned positions of a set of texts.
+
+    Attributes:
+        texts: the texts both models read.
+        positions: per text, the target token positions used.
+        log_teacher: ``(n, n_shared)`` log q* (float16 to save memory), rows in text order.
+        source_change: ``(n, n_shared)`` centred change of the source's log-probabilities.
+        weights: ``(n,)`` position weights.
+    """
+
+    texts: list[str]
+    positions: list[list[int]]
+    log_teacher: torch.Tensor
+    source_change: torch.Tensor
+    weights: torch.Tensor
+
+    def rows(self, index: int) -> slice:
+        start = sum(len(item) for item in self.positions[:index])
+        return slice(start, start + len(self.positions[index]))
+
+
+@dataclass
+class RefineReport:
+    """What a refinement did: held-out loss and behaviour cosine before, during and after."""
+
+    student: str
+    config: dict
+    positions: int
+    validation_positions: int
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    seconds: float = 0.0
+
+    @property
+    def initial(self) -> dict:
+        return self.history[0]
+
+    @property
+    def best(self) -> dict:
+        return next(entry for entry in self.history if entry["step"] == self.best_step)
+
+
+@contextmanager
+def kernel_hooks(model: torch.nn.Module, kernels: dict[Site, Kernel]) -> Iterator[None]:
+    """Add each kernel's LoRA update ``scale · B · A · x`` to its site while the context is open."""
+    handles = []
+
+    def make_hook(kernel: Kernel):
+        A, B = kernel.A.float(), kernel.B.float()
+
+        def hook(module, args, output):
+            x = args[0]
+            delta = (x.float() @ A.to(x.device).T) @ B.to(x.device).T * kernel.scale
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    try:
+        for site, kernel in kernels.items():
+            module = model.get_submodule(site.name)
+            handles.append(module.register_forward_hook(make_hook(kernel)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(batch, seq, d)`` without the vocabulary logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mask = torch.ones_like(input_ids)
+    return decoder_of(base)(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]
+
+
+def _texts_and_pairs(source, target, passages, config):
+    """Cut or fill each passage and return ``(texts, [(source_pos, target_pos), ...])``."""
+    texts, pairs = [], []
+    for passage in passages:
+        if config.text == "template":
+            cut = truncate_text(source.tokenizer, passage, max(8, config.max_tokens // 2))
+            text = config.template.format(text=cut.strip())
+        else:
+            text = truncate_text(source.tokenizer, passage, config.max_tokens)
+        if not text.strip():
+            continue
+        aligned = aligned_positions(encode(source.tokenizer, text), encode(target.tokenizer, text))
+        if config.text == "template":
+            # Only the template's last position, where the adapter's answer would start.
+            target_length = len(encode(target.tokenizer, text).input_ids)
+            aligned = [pair for pair in aligned[-1:] if pair[1] == target_length - 1]
+        if aligned:
+            texts.append(text)
+            pairs.append(aligned)
+    return texts, pairs
+
+
+def _source_logits(source, text, positions, shared, kernels=None):
+    ids = torch.tensor([source.tokenizer(text)["input_ids"]], device=source.device)
+    context = kernel_hooks(source.model, kernels) if kernels else _no_hooks()
+    with torch.no_grad(), context:
+        hidden = _final_hidden(source.model, ids)[0, positions]  # (n, d_source)
+    return restricted_logits(source.model, hidden, shared.source_ids)
+
+
+@contextmanager
+def _no_hooks() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Turn off gradients of the model's own weights, restoring each flag afterwards."""
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags.get(name, False))
+
+
+def build_teacher(
+    source: LoadedModel,
+    target: LoadedModel,
+    kernels: dict[Site, Kernel],
+    passages: Sequence[str],
+    shared: SharedVocabulary,
+    config: RefineConfig,
+    *,
+    show_progress: bool = True,
+) -> TeacherSet:
+    """Compute q*, the source's change and the position weights on general passages.
+
+    Raises:
+        ValueError: no passage gives an aligned position.
+    """
+    texts, pairs = _texts_and_pairs(source, target, passages, config)
+    kept_texts, kept_positions, teacher, change, weights = [], [], [], [], []
+    total = 0
+    for text, aligned in tqdm(
+        list(zip(texts, pairs, strict=True)), desc="Teacher", disable=not show_progress
+    ):
+        if total >= config.max_positions:
+            break
+        aligned = aligned[: config.max_positions - total]
+        source_positions = [pair[0] for pair in aligned]
+        target_positions = [pair[1] for pair in aligned]
+        base = _source_logits(source, text, source_positions, shared)
+        adapted = _source_logits(source, text, source_positions, shared, kernels)
+        ids = torch.tensor([target.tokenizer(text)["input_ids"]], device=target.device)
+        with torch.no_grad():
+            hidden = _final_hidden(target.model, ids)[0, target_positions]
+        target_logits = restricted_logits(target.model, hidden, shared.target_ids).cpu()
+
+        log_base, log_adapted = base.log_softmax(-1).cpu(), adapted.log_softmax(-1).cpu()
+        shift = log_adapted - log_base  # (n, n_shared)
+        teacher.append((target_logits + shift).log_softmax(-1).half())
+        change.append((shift - shift.mean(-1, keepdim=True)).half())
+        weights.append((log_adapted.exp() * shift).sum(-1).clamp_min(0.0))
+        kept_texts.append(text)
+        kept_positions.append(target_positions)
+        total += len(aligned)
+    if not kept_texts:
+        raise ValueError("no passage gave an aligned position; pass longer general-corpus passages")
+    return TeacherSet(
+        texts=kept_texts,
+        positions=kept_positions,
+        log_teacher=torch.cat(teacher),
+        source_change=torch.cat(change),
+        weights=torch.cat(weights),
+    )
+
+
+@dataclass
+class _Student:
+    """What the training loop needs: the model to run, its tokenizer, the trained parameters and
+    a context manager that switches the student's delta off (to measure the target alone)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    parameters: list[torch.nn.Parameter]
+    switched_off: object
+
+
+def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, weighted):
+    """Weighted KL(q* ‖ student) over the positions of texts ``indices``, and the log-probs."""
+    device = student.parameters[0].device
+    losses, weights, log_probs = [], [], []
+    for index in indices:
+        text, positions = teacher.texts[index], teacher.positions[index]
+        ids = torch.tensor([student.tokenizer(text)["input_ids"]], device=device)
+        hidden = _final_hidden(student.model, ids)[0, positions]  # (n, d_target)
+        logits = restricted_logits(student.model, hidden, shared.target_ids)
+        log_student = logits.log_softmax(-1)  # (n, n_shared)
+        rows = teacher.rows(index)
+        log_teacher = teacher.log_teacher[rows].float().to(device)
+        losses.append((log_teacher.exp() * (log_teacher - log_student)).sum(-1))
+        weights.append(teacher.weights[rows].to(device) if weighted else torch.ones(len(positions)))
+        log_probs.append(log_student.detach().cpu())
+    loss, weight = torch.cat(losses), torch.cat(weights).to(device)
+    return (loss * weight).sum() / weight.sum().clamp_min(1e-12), log_probs
+
+
+def _evaluate(student: _Student, teacher, indices, shared, reference, weighted) -> dict:
+    """Held-out KL and behaviour cosine of the student; ``reference`` is the target alone."""
+    with torch.no_grad():
+        loss, log_probs = _batch_loss(student, teacher, indices, shared, weighted)
+    change = torch.cat(log_probs) - torch.cat(reference)  # (n, n_shared)
+    change = change - change.mean(-1, keepdim=True)
+    source_change = torch.cat([teacher.source_change[teacher.rows(i)].float() for i in indices])
+    cosine = F.cosine_similarity(change.flatten(), source_change.flatten(), dim=0)
+    return {"kl": float(loss), "behaviour_cosine": float(cosine)}
+
+
+def _split(n_texts: int, config: RefineConfig) -> tuple[list[int], list[int]]:
+    order = list(range(n_texts))
+    random.Random(config.seed).shuffle(order)
+    n_val = max(1, int(n_texts * config.validation_fraction))
+    if n_texts - n_val < 1:
+        raise ValueError(f"{n_texts} teacher texts cannot be split; pass more passages")
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _train(student: _Student, teacher, shared, config, name, show_progress) -> RefineReport:
+    """Train the student's parameters; restores the ones with the best held-out KL."""
+    train, val = _split(len(teacher.texts), config)
+    report = RefineReport(
+        student=name,
+        config=asdict(config),
+        positions=int(teacher.weights.numel()),
+        validation_positions=sum(len(teacher.positions[i]) for i in val),
+    )
+    started = time.perf_counter()
+    with student.switched_off(), torch.no_grad():
+        _, reference = _batch_loss(student, teacher, val, shared, False)
+
+    def evaluate(step: int, **extra) -> float:
+        entry = _evaluate(student, teacher, val, shared, reference, config.weight_positions)
+        report.history.append({"step": step, **entry, **extra})
+        logger.info(
+            "step %d: held-out KL %.4f, behaviour cosine %.3f",
+            step,
+            entry["kl"],
+            entry["behaviour_cosine"],
+        )
+        return entry["kl"]
+
+    best = (evaluate(0), [parameter.detach().clone() for parameter in student.parameters])
+    optimizer = torch.optim.AdamW(student.parameters, lr=config.learning_rate, weight_decay=0.0)
+    rng = random.Random(config.seed + 1)
+    for step in tqdm(range(1, config.steps + 1), desc="Refining", disable=not show_progress):
+        batch = rng.sample(train, min(config.batch_size, len(train)))
+        loss, _ = _batch_loss(student, teacher, batch, shared, config.weight_positions)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % config.eval_every == 0 or step == config.steps:
+            held_out = evaluate(step, train_kl=loss.item())
+            if held_out < best[0]:
+                best = (held_out, [parameter.detach().clone() for parameter in student.parameters])
+                report.best_step = step
+    with torch.no_grad():
+        for parameter, kept in zip(student.parameters, best[1], strict=True):
+            parameter.copy_(kept)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def refine_cartridge(
+    cartridge: Cartridge,
+    target: LoadedModel,
+    teacher: TeacherSet,
+    shared: SharedVocabulary,
+    config: RefineConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> tuple[Cartridge, RefineReport]:
+    """Refine a copy of ``cartridge``'s heads with the behavioural objective.
+
+    The kernel and the bridge's heads stay frozen; each site gains zero-initialised low-rank
+    corrections (``CarriedSite.add_corrections``) that are trained, so the result belongs to
+    this adapter.
+
+    Returns:
+        The refined cartridge (a copy; ``cartridge`` is unchanged) and the report.
+    """
+    config = config or RefineConfig()
+    refined = copy.deepcopy(cartridge)
+    refined.requires_grad_(False)
+    for carried in refined.carried.values():
+        carried.add_corrections()
+    parameters = [
+        parameter
+        for carried in refined.carried.values()
+        for parameter in (carried.read_correction, carried.write_correction)
+    ]
+
+    @contextmanager
+    def switched_off() -> Iterator[None]:
+        refined.enabled = False
+        try:
+            yield
+        finally:
+            refined.enabled = True
+
+    student = _Student(target.model, target.tokenizer, parameters, switched_off)
+    with _frozen(target.model), refined.attached(target):
+        report = _train(student, teacher, shared, config, "heads", show_progress)
+    refined.requires_grad_(False)
+    refined.refinement = {
+        "objective": "tilted_kl_shared_vocabulary",
+        "text": config.text,
+        "template": config.template,
+        "report": asdict(report),
+    }
+    return refined, report
+
+
+def distil_lora(
+    target: LoadedModel,
+    teacher: TeacherSet,
+    shared: SharedVocabulary,
+    out_dir,
+    config: RefineConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> RefineReport:
+    """Train a fresh PEFT LoRA on the target with the behavioural objective; save it to ``out_dir``.
+
+    This is the distillation baseline: the same objective and text as ``refine_cartridge``,
+    without the source's kernel or the bridge.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = config or RefineConfig()
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=2 * config.lora_rank,
+        target_modules=list(config.lora_modules),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=target.name,
+    )
+    flags = {name: parameter.requires_grad for name, parameter in target.model.named_parameters()}
+    peft_model = get_peft_model(target.model, lora)
+    parameters = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+    student = _Student(peft_model, target.tokenizer, parameters, peft_model.disable_adapter)
+    try:
+        report = _train(student, teacher, shared, config, "lora", show_progress)
+        peft_model.save_pretrained(str(out_dir))
+    finally:
+        target.model = peft_model.unload()
+        for name, parameter in target.model.named_parameters():
+            parameter.requires_grad_(flags.get(name, False))
+    return report
