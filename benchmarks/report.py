@@ -47,6 +47,56 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _summary(document: dict) -> list[str]:
+    """One table of gain recovered: a row per method, a column per (direction, task)."""
+    columns = []
+    for row in document["runs"]:
+        key = (row["direction"], row["task"])
+        if key not in columns:
+            columns.append(key)
+    methods = []
+    for row in document["runs"]:
+        if row["gain_recovered"] is not None and row["method"] not in methods:
+            methods.append(row["method"])
+    values = {
+        (row["method"], row["direction"], row["task"]): row
+        for row in document["runs"]
+        if row["gain_recovered"] is not None
+    }
+    header = " | ".join(f"{task}<br>{direction}" for direction, task in columns)
+    lines = [f"| method | {header} |", "|---|" + "---|" * len(columns)]
+    for method in methods:
+        cells = []
+        for direction, task in columns:
+            row = values.get((method, direction, task))
+            cells.append("" if row is None else _fmt(row["gain_recovered"], 2))
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return lines
+
+
+def _cost_lines(costs: dict) -> list[str]:
+    lines = [
+        "| task | retrain LoRA on target (s) | held-out texts sharing an 8-gram with the corpus |"
+        " tokens/s retrained LoRA | tokens/s cartridge | tokens/s baked |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, record in costs["tasks"].items():
+        speed = record.get("tokens_per_second", {})
+        lines.append(
+            f"| {task} | {_fmt(record.get('retrain_seconds'), 1)} | "
+            f"{record.get('held_out_texts_sharing_8gram_with_corpus')} | "
+            f"{_fmt(speed.get('target-retrained'), 0)} | {_fmt(speed.get('cartridge'), 0)} | "
+            f"{_fmt(speed.get('baked'), 0)} |"
+        )
+    lines += ["", "| bridge | record (s) | fit (s) |", "|---|---|---|"]
+    for name, record in costs.get("bridges", {}).items():
+        lines.append(
+            f"| {name} | {_fmt(record.get('record_seconds'), 1)} | "
+            f"{_fmt(record.get('fit_seconds'), 1)} |"
+        )
+    return lines
+
+
 def _plot_task(rows: list[dict], title: str, path: Path) -> None:
     carried = [row for row in rows if row["gain_recovered"] is not None]
     figure, axis = plt.subplots(figsize=(7, 3.2))
@@ -110,6 +160,17 @@ def write_report(document: dict, out: Path) -> None:
     ]
     if document["quick"]:
         lines += ["**Quick mode: tiny sizes for smoke testing; these numbers mean nothing.**", ""]
+    lines += [
+        "Gain recovered = (method − target base) / (target retrained − target base), on the",
+        "reduction for bits per byte; 1 means the method does what a LoRA retrained on the target",
+        "with the same recipe and data does. The schema of `benchmarks.json` is in",
+        "`benchmarks-schema.md`.",
+        "",
+        "## Gain recovered",
+        "",
+        *_summary(document),
+        "",
+    ]
     for costs in document["costs"]:
         direction = costs["direction"]
         lines += [f"## {direction}", ""]
@@ -131,12 +192,5 @@ def write_report(document: dict, out: Path) -> None:
             plot = plots / f"{_slug(direction)}-r2-{_slug(name)}.png"
             _plot_r2(records, f"{direction}: held-out R² per site ({name})", plot)
             lines += [f"![R² {name}](benchmarks/{plot.name})", ""]
-        lines += [
-            "Costs:",
-            "",
-            "```json",
-            json.dumps({key: value for key, value in costs.items() if key != "r2"}, indent=2),
-            "```",
-            "",
-        ]
+        lines += [f"### Costs, {direction}", "", *_cost_lines(costs), ""]
     _atomic_write(out / "benchmarks.md", "\n".join(lines) + "\n")

@@ -6,7 +6,8 @@ Usage:
 
 Rows per (direction, task): source-base, source-adapter, target-base, target-retrained (a LoRA
 retrained on the target with the same recipe and data), cartridge-mlp (one per bridge seed),
-cartridge-linear (a purely linear bridge, model-stitching style), weight-projection (data-free,
+cartridge-linear (a purely linear bridge, model-stitching style), baked (the first MLP
+cartridge distilled into a plain PEFT LoRA by ``loracast.bake``), weight-projection (data-free,
 Cross-LoRA style) and copy (only where shapes allow). One bridge is fitted per direction and
 seed, on general text only, and carries every task's adapter without refitting.
 
@@ -40,6 +41,7 @@ from tasks import TASKS, Scores  # noqa: E402
 
 import loracast  # noqa: E402
 from loracast.adapters import load_adapter  # noqa: E402
+from loracast.bake import BAKE_FILE, bake  # noqa: E402
 from loracast.baselines import copy_transfer, weight_space_transfer  # noqa: E402
 from loracast.bridge import Bridge, BridgeConfig, fit_bridge_from_recording, record_corpus  # noqa: E402
 from loracast.cartridge import build_cartridge  # noqa: E402
@@ -60,6 +62,8 @@ logger = logging.getLogger("benchmark")
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
+# The bridge whose cartridge is baked into the ``baked`` row: the default transfer's heads.
+BAKED_FROM = "cartridge-mlp-seed0"
 
 
 @dataclass
@@ -375,9 +379,31 @@ def _baseline_folders(source, target, source_adapter, cache, svd_cache, task_cos
     return folders
 
 
+def _baked_folder(target, bridge_folder, source_adapter, cartridge, corpus, cache, task_costs):
+    """Bake (or reuse) the default cartridge into a PEFT LoRA for the target."""
+    folder = cache / "baked" / f"{bridge_folder}+{source_adapter.name}"
+    if not (folder / "adapter_model.safetensors").exists():
+        result = bake(cartridge, target, corpus, folder, overwrite=True, show_progress=False)
+        errors = [anchor.relative_error for anchor in result.anchors]
+        task_costs["bake"] = {
+            "seconds": round(result.seconds, 1),
+            "relative_error_mean": sum(errors) / len(errors),
+            "relative_error_worst": max(errors),
+        }
+    else:
+        record = json.loads((folder / BAKE_FILE).read_text())
+        errors = [anchor["relative_error"] for anchor in record["anchors"]]
+        task_costs["bake"] = {
+            "seconds": record["seconds"],
+            "relative_error_mean": sum(errors) / len(errors),
+            "relative_error_worst": max(errors),
+        }
+    return folder
+
+
 def _evaluate_task(task, test, source, target, adapters, bridges, context):
     """Evaluate every row of one task; returns ``{method: (scores, seconds)}``."""
-    scores, cache, svd_cache, costs = context
+    scores, cache, svd_cache, costs, _ = context
     source_adapter, retrained = adapters
     evaluations = {
         "source-base": scores.evaluate(task, source, test, "base"),
@@ -394,6 +420,16 @@ def _evaluate_task(task, test, source, target, adapters, bridges, context):
             task, target, test, artifact, cartridge=build_cartridge(bridge, adapter)
         )
     task_costs = costs["tasks"][task.name]
+    baked = _baked_folder(
+        target,
+        costs["bridges"][BAKED_FROM]["folder"],
+        source_adapter,
+        build_cartridge(bridges[BAKED_FROM], adapter),
+        context[4],
+        cache,
+        task_costs,
+    )
+    evaluations["baked"] = scores.evaluate(task, target, test, baked.name, adapter=baked)
     for method, folder in _baseline_folders(
         source, target, source_adapter, cache, svd_cache, task_costs
     ).items():
@@ -425,7 +461,7 @@ def run_direction(
     }
 
     # The base weights' SVDs are shared by every adapter's weight projection in this direction.
-    context = (ScoreCache(cache / "scores"), cache, {}, costs)
+    context = (ScoreCache(cache / "scores"), cache, {}, costs, corpus)
     for task in tasks:
         _, test = splits[task.name]
         evaluations = _evaluate_task(
@@ -447,6 +483,12 @@ def run_direction(
                 target, settings.speed_tokens, adapter=retrained
             ),
             "cartridge": _tokens_per_second(target, settings.speed_tokens, cartridge=cartridge),
+            "baked": _tokens_per_second(
+                target,
+                settings.speed_tokens,
+                adapter=cache / "baked" / f"{costs['bridges'][BAKED_FROM]['folder']}+"
+                f"{source_adapter.name}",
+            ),
         }
         logger.info("%s %s done", direction, task.name)
     return rows, costs
