@@ -197,7 +197,16 @@ def bridge_from_config(config: dict, tensors: dict[str, torch.Tensor]) -> Bridge
 
 
 def _load_head(shape: dict, tensors: dict[str, torch.Tensor], prefix: str) -> Head:
-    head = Head(int(shape["d_in"]), int(shape["d_out"]), int(shape.get("mlp_hidden", 0)))
+    d_in, d_out = int(shape["d_in"]), int(shape["d_out"])
+    mlp_hidden = int(shape.get("mlp_hidden", 0))
+    # Check the recorded widths against the stored weight before allocating anything.
+    weight = tensors[prefix + "linear.weight"]
+    if tuple(weight.shape) != (d_out, d_in) or not 0 <= mlp_hidden <= 1 << 20:
+        raise ValueError(
+            f"{prefix}: head shape d_in={d_in}, d_out={d_out}, mlp_hidden={mlp_hidden} does not "
+            f"match its stored weight {tuple(weight.shape)}"
+        )
+    head = Head(d_in, d_out, mlp_hidden)
     state = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
     head.load_state_dict(state, strict=True)
     head.requires_grad_(False)
@@ -261,6 +270,19 @@ def record_corpus(
     return recording
 
 
+def _check_finite(recording: Recording, site: Site, anchor: Site) -> None:
+    """Raise ValueError naming the module whose recorded activations hold NaN or inf."""
+    for side, name in (("source", site.name), ("target", anchor.name)):
+        for kind, tensor in getattr(recording, side)[name].items():
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
+                raise ValueError(
+                    f"the {side} {kind} recorded at {name} has NaN or inf in {bad} of "
+                    f"{tensor.shape[0]} positions; the {side} model overflows on this corpus: "
+                    "load it in float32 (--dtype float32) or clean the corpus"
+                )
+
+
 def fit_bridge_from_recording(
     source,
     target,
@@ -275,7 +297,8 @@ def fit_bridge_from_recording(
     Several head variants (linear or MLP heads, other seeds) can be fitted from one recording.
 
     Raises:
-        ValueError: the recording lacks a site or anchor, or contains too few passages.
+        ValueError: the recording lacks a site or anchor, holds NaN or inf, or contains too
+            few passages.
     """
     config = config or BridgeConfig()
     layer_map, anchors = _anchors(source, target, sites)
@@ -285,6 +308,7 @@ def fit_bridge_from_recording(
                 f"the recording has no activations for {site.name} or its anchor "
                 f"{anchors[site].name}; record the corpus with these sites"
             )
+        _check_finite(recording, site, anchors[site])
 
     started = time.perf_counter()
     train, val = _split_by_text(recording, config.validation_fraction, config.seed)

@@ -224,6 +224,36 @@ class Cartridge(nn.Module):
         )
 
     @classmethod
+    def _from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> Cartridge:
+        bridge = bridge_from_config(config, tensors)
+        for side in ("source", "target"):
+            identity = getattr(bridge, side)
+            needed = ("name", "model_type", "fingerprint", "tokenizer_fingerprint")
+            if not isinstance(identity, dict) or any(key not in identity for key in needed):
+                raise ValueError(f"'{side}' must be an object with the keys {needed}")
+        kernels = {}
+        for record in config["kernels"]:
+            site = parse_site(record["site"])
+            kernels[site] = Kernel(
+                A=tensors[f"{site.name}.kernel.A"],
+                B=tensors[f"{site.name}.kernel.B"],
+                scale=float(record["scale"]),
+            )
+        adapter_info = config.get("adapter") or {}
+        if not isinstance(adapter_info, dict):
+            raise TypeError(f"'adapter' must be an object, got {type(adapter_info).__name__}")
+        cartridge = cls(bridge, kernels, adapter_info)
+        cartridge.refinement = config.get("refinement")
+        for site in kernels:
+            if f"{site.name}.read_correction" in tensors:
+                carried = cartridge.carried[site.name.replace(".", "__")]
+                carried.add_corrections()
+                carried.read_correction.data.copy_(tensors[f"{site.name}.read_correction"])
+                carried.write_correction.data.copy_(tensors[f"{site.name}.write_correction"])
+        cartridge.requires_grad_(False)
+        return cartridge
+
+    @classmethod
     def load(cls, folder: str | Path, target=None) -> Cartridge:
         """Load a saved cartridge; with ``target`` given, check it is the recorded target.
 
@@ -234,29 +264,9 @@ class Cartridge(nn.Module):
         """
         config, tensors = read_folder(folder, CARTRIDGE_CONFIG, CARTRIDGE_WEIGHTS, "cartridge")
         try:
-            bridge = bridge_from_config(config, tensors)
-            kernels = {}
-            for record in config["kernels"]:
-                site = parse_site(record["site"])
-                kernels[site] = Kernel(
-                    A=tensors[f"{site.name}.kernel.A"],
-                    B=tensors[f"{site.name}.kernel.B"],
-                    scale=float(record["scale"]),
-                )
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            cartridge = cls._from_saved(config, tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
             raise FormatError(f"{folder}: cartridge contents are inconsistent ({error})") from error
-        cartridge = cls(bridge, kernels, config.get("adapter", {}))
-        cartridge.refinement = config.get("refinement")
-        try:
-            for site in kernels:
-                if f"{site.name}.read_correction" in tensors:
-                    carried = cartridge.carried[site.name.replace(".", "__")]
-                    carried.add_corrections()
-                    carried.read_correction.data.copy_(tensors[f"{site.name}.read_correction"])
-                    carried.write_correction.data.copy_(tensors[f"{site.name}.write_correction"])
-        except RuntimeError as error:
-            raise FormatError(f"{folder}: head corrections have wrong shapes ({error})") from error
-        cartridge.requires_grad_(False)
         if target is not None:
             cartridge.check_target(target)
         return cartridge

@@ -134,6 +134,12 @@ def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config) -> float:
     for step in range(1, config.mlp_steps + 1):
         index = torch.randint(0, x_train.shape[0], (config.mlp_batch_size,), generator=generator)
         loss = (head.mlp(z_train[index]) - residual[index]).pow(2).mean()
+        if not torch.isfinite(loss):
+            # Keep the last good state (at worst the ridge solution) instead of NaN weights.
+            logger.warning(
+                "residual MLP loss became %s at step %d; keeping the best state so far", loss, step
+            )
+            break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -193,7 +193,49 @@ def resolve_model_path(name_or_path: str, cache: str | os.PathLike | None = None
             f"model {name_or_path!r} is a file but not a .gguf file; pass a model folder, "
             f"a .gguf file, a hub id or one of {sorted(DEMO_MODELS)}"
         )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"model folder {path} has no config.json, so it is not a Hugging Face model folder; "
+            "pass the folder that save_pretrained wrote"
+        )
+    # A hub id is "name" or "owner/name"; anything else that looks like a path must exist.
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not path.exists():
+        raise FileNotFoundError(
+            f"model folder {path} does not exist; check the path, or pass a hub id or one of "
+            f"{sorted(DEMO_MODELS)}"
+        )
     return name_or_path, None
+
+
+def _load_pretrained(name_or_path: str, folder: str, gguf_file: str | None, load, **kwargs):
+    """Call a ``from_pretrained`` and turn its errors into messages that say what to do."""
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return load(folder, **kwargs)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ValueError(
+            f"could not load model {name_or_path!r} ({first_line}); pass one of "
+            f"{sorted(DEMO_MODELS)}, a local model folder, a .gguf file, or a hub id reachable "
+            "from this machine"
+        ) from error
+    except ValueError as error:
+        message = str(error)
+        if "trust_remote_code" in message:
+            raise ValueError(
+                f"model {name_or_path!r} ships its own Python code, which loracast does not run "
+                "unless asked; read that code, then pass --trust-remote-code "
+                "(trust_remote_code=True)"
+            ) from error
+        if gguf_file is not None and "architecture" in message:
+            raise ValueError(
+                f"GGUF file {Path(folder) / gguf_file}: {message} transformers reads GGUF files "
+                "of Llama, Mistral, Qwen 2/3, Gemma 2/3 and a few other families; convert this "
+                "model to a Hugging Face folder instead"
+            ) from error
+        raise
 
 
 def load_model(
@@ -218,16 +260,25 @@ def load_model(
         The loaded model.
 
     Raises:
-        FileNotFoundError: a GGUF path does not exist.
-        ValueError: the dtype is unknown or the path is not a model.
+        FileNotFoundError: a GGUF file or a model folder does not exist.
+        ValueError: the dtype is unknown, the path is not a model, the model cannot be loaded
+            (offline hub id, unsupported GGUF architecture), or it needs
+            ``trust_remote_code`` that was not given.
     """
     torch_dtype = parse_dtype(dtype)
     folder, gguf_file = resolve_model_path(name_or_path, cache)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    trust = {"trust_remote_code": trust_remote_code}
+    tokenizer = _load_pretrained(
+        name_or_path, folder, gguf_file, AutoTokenizer.from_pretrained, **trust
+    )
+    model = _load_pretrained(
+        name_or_path,
+        folder,
+        gguf_file,
+        AutoModelForCausalLM.from_pretrained,
+        dtype=torch_dtype,
+        **trust,
+    )
     if gguf_file is not None:
         model.hf_quantizer = None
     model.to(device or default_device())

@@ -147,6 +147,7 @@ class RefineReport:
     history: list[dict] = field(default_factory=list)
     best_step: int = 0
     seconds: float = 0.0
+    stopped: str | None = None
 
     @property
     def initial(self) -> dict:
@@ -368,6 +369,16 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
     for step in tqdm(range(1, config.steps + 1), desc="Refining", disable=not show_progress):
         batch = rng.sample(train, min(config.batch_size, len(train)))
         loss, _ = _batch_loss(student, teacher, batch, shared, config.weight_positions)
+        if not torch.isfinite(loss):
+            logger.warning(
+                "refinement loss became %s at step %d; stopping with the best state so far "
+                "(step %d); lower RefineConfig.learning_rate",
+                loss.item(),
+                step,
+                report.best_step,
+            )
+            report.stopped = f"non-finite loss at step {step}"
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -53,18 +53,47 @@ def make_staging_folder(folder: Path) -> Path:
     return staging
 
 
+_RENAME_EXCHANGE = 2  # from <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step with Linux's renameat2; False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    return result == 0
+
+
 def replace_folder(staging: Path, folder: Path) -> None:
     """Move a fully written ``staging`` folder to ``folder``, retiring any previous ``folder``.
 
-    Each step is an ``os.replace``, so ``folder`` is at every moment the old or the new output.
+    On Linux the two folders are swapped in one atomic ``renameat2`` call, so ``folder`` is at
+    every moment the complete old or the complete new output, and the old one is then deleted.
+    Elsewhere (or on file systems without the exchange), the old folder is first renamed aside
+    and the new one renamed in.
+
+    NOTE: in that fallback, a crash between the two renames leaves no ``folder``; the old output
+    then survives as ``.<name>.old-*/old`` beside it.
     """
-    if folder.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        os.replace(folder, retired / "old")
+    if not folder.exists():
         os.replace(staging, folder)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
+        return
+    if _exchange(staging, folder):
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    os.replace(folder, retired / "old")
+    os.replace(staging, folder)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def write_folder(

@@ -1,0 +1,395 @@
+"""Behaviour matching: does refining a carried adapter on its behaviour recover the gain?
+
+Usage:
+    python benchmarks/behaviour.py                       # SmolLM2 -> Gemma-3, sentiment
+    python benchmarks/behaviour.py --direction reverse   # Gemma-3 -> SmolLM2
+    python benchmarks/behaviour.py --quick               # smoke test; numbers mean nothing
+
+It reuses the main benchmark's cached adapters and bridges (``benchmarks/run.py`` trains and fits
+them when missing) and adds, for the sentiment task:
+
+- ``refined-heads-general``: the default cartridge's heads refined with the tilted-KL objective
+  (``loracast.refine``) on general text only, the strict no-task-data setting;
+- ``distilled-lora-general``: a fresh target LoRA trained with the same objective and text, the
+  distillation baseline the kernel and heads must beat;
+- ``refined-heads-template`` and ``distilled-lora-template``: the same on general passages filled
+  into the adapter's prompt template (``Tweet: {text}\\nSentiment:``), trained at its last
+  position. This second setting uses the template, a small piece of task information, but no
+  labels and no task examples;
+- ``logit-arithmetic``: the target's choice log-likelihoods plus the source adapter's change of
+  them (proxy-tuning at the sequence level), which needs the source and source + adapter at
+  inference;
+- ``control-label-bias``: the best constant bias on the target's three label scores, fitted on
+  the labelled validation split. A control, not a method: a carried adapter that only moves the
+  label prior is not transfer.
+
+Beside accuracy and gain recovered it reports the mean push toward the correct label (the change
+of the correct label's centred log-likelihood against the target base), the behaviour cosine on
+held-out corpus positions, and the side effect on general text: the change of bits per byte on
+corpus passages never used for fitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import _atomic_write  # noqa: E402
+from run import (  # noqa: E402
+    MODELS,
+    ROOT,
+    Settings,
+    _commit,
+    _fit_bridges,
+    _machine,
+    _train_adapter,
+)
+from tasks import TASKS  # noqa: E402
+
+from loracast.adapters import load_adapter  # noqa: E402
+from loracast.cartridge import Cartridge, build_cartridge  # noqa: E402
+from loracast.corpus import load_corpus  # noqa: E402
+from loracast.eval.language_modeling import evaluate_language_modeling  # noqa: E402
+from loracast.eval.metrics import bootstrap_ci, gain_recovered, negative_flips  # noqa: E402
+from loracast.eval.sentiment import PROMPT_TEMPLATE, evaluate_sentiment  # noqa: E402
+from loracast.models import load_model  # noqa: E402
+from loracast.packages import cache_dir  # noqa: E402
+from loracast.refine import RefineConfig, build_teacher, distil_lora, refine_cartridge  # noqa: E402
+from loracast.vocabulary import shared_vocabulary  # noqa: E402
+
+logger = logging.getLogger("behaviour")
+
+DEFAULT_BRIDGE = "cartridge-mlp-seed0"
+HELD_OUT_PASSAGES = 24
+
+
+@dataclass
+class Plan:
+    """Sizes of the experiment."""
+
+    general_positions: int = 4000
+    template_passages: int = 400
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    n_validation: int = 200
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            general_positions=200, template_passages=24, steps=4, batch_size=2, n_validation=12
+        )
+
+
+def _sentiment(model, tokenizer, examples):
+    started = time.perf_counter()
+    result = evaluate_sentiment(model, tokenizer, examples, show_progress=False)
+    return result, time.perf_counter() - started
+
+
+def _with_adapter(loaded, folder, function):
+    peft_model = PeftModel.from_pretrained(loaded.model, str(folder))
+    peft_model.eval()
+    try:
+        return function(peft_model)
+    finally:
+        loaded.model = peft_model.unload()
+
+
+def _with_cartridge(loaded, cartridge, function):
+    with cartridge.attached(loaded):
+        return function(loaded.model)
+
+
+def _bits_per_byte(model, tokenizer, passages) -> float:
+    return evaluate_language_modeling(
+        model, tokenizer, passages, max_tokens=128, batch_size=2, show_progress=False
+    ).bits_per_byte
+
+
+def _centred(scores: torch.Tensor) -> torch.Tensor:
+    return scores - scores.mean(1, keepdim=True)
+
+
+def best_constant_bias(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Grid-search the bias on labels 1 and 2 (label 0 fixed at 0) that maximises accuracy."""
+    grid = torch.arange(-6.0, 6.01, 0.1)
+    best_accuracy, best_bias = -1.0, torch.zeros(3)
+    for first in grid:
+        for second in grid:
+            bias = torch.tensor([0.0, float(first), float(second)])
+            accuracy = ((scores + bias).argmax(1) == labels).float().mean().item()
+            if accuracy > best_accuracy:
+                best_accuracy, best_bias = accuracy, bias
+    return best_bias
+
+
+def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
+    """Accuracy, gain recovered with interval, flips and push for label scores ``(n, 3)``."""
+    correct = (scores.argmax(1) == labels).numpy().astype(float)
+    base_correct = (base.argmax(1) == labels).numpy().astype(float)
+    reference = (retrained.argmax(1) == labels).numpy().astype(float)
+    push = (_centred(scores) - _centred(base)).gather(1, labels[:, None]).mean().item()
+    return {
+        "method": method,
+        "data": data,
+        "score": float(correct.mean()),
+        "gain_recovered": gain_recovered(correct, base_correct, reference, higher_is_better=True),
+        "gain_recovered_ci": list(
+            bootstrap_ci(correct, base_correct, reference, higher_is_better=True)
+        ),
+        "negative_flips": negative_flips(base_correct.astype(bool), correct.astype(bool)),
+        "push_toward_correct_label": push,
+        "mean_shift_per_label": (_centred(scores) - _centred(base)).mean(0).tolist(),
+        **extra,
+    }
+
+
+def _students(source, target, kernels, cartridge, passages, plan, out, shared):
+    """Train the four refined variants; returns ``{method: (kind, artifact, report)}``."""
+    students = {}
+    for text in ("general", "template"):
+        config = RefineConfig(
+            text=text,
+            template=PROMPT_TEMPLATE if text == "template" else None,
+            max_positions=plan.general_positions if text == "general" else plan.template_passages,
+            steps=plan.steps,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+        )
+        started = time.perf_counter()
+        teacher = build_teacher(source, target, kernels, passages, shared, config)
+        teacher_seconds = time.perf_counter() - started
+        refined, report = refine_cartridge(cartridge, target, teacher, shared, config)
+        report.seconds += teacher_seconds
+        students[f"refined-heads-{text}"] = ("cartridge", refined, report)
+        folder = out / f"distilled-lora-{text}"
+        report = distil_lora(target, teacher, shared, folder, config)
+        report.seconds += teacher_seconds
+        students[f"distilled-lora-{text}"] = ("adapter", folder, report)
+    return students
+
+
+DATA = {
+    "general": "general corpus text only",
+    "template": "general corpus text in the prompt template (no labels, no task examples)",
+}
+
+
+def _evaluate_all(source, target, source_adapter, retrained, cartridge, students, test, held_out):
+    """Sentiment results on the test split and bits per byte on held-out general passages."""
+
+    def sentiment(model):
+        return _sentiment(model, target.tokenizer, test)
+
+    def general(model):
+        return _bits_per_byte(model, target.tokenizer, held_out)
+
+    evaluations = {
+        "target-base": sentiment(target.model),
+        "target-retrained": _with_adapter(target, retrained, sentiment),
+        "source-base": _sentiment(source.model, source.tokenizer, test),
+        "source-adapter": _with_adapter(
+            source, source_adapter, lambda model: _sentiment(model, source.tokenizer, test)
+        ),
+        DEFAULT_BRIDGE: _with_cartridge(target, cartridge, sentiment),
+    }
+    bpb = {
+        "target-base": general(target.model),
+        "target-retrained": _with_adapter(target, retrained, general),
+        DEFAULT_BRIDGE: _with_cartridge(target, cartridge, general),
+    }
+    for method, (kind, artifact, _) in students.items():
+        wrap = _with_cartridge if kind == "cartridge" else _with_adapter
+        evaluations[method] = wrap(target, artifact, sentiment)
+        bpb[method] = wrap(target, artifact, general)
+    return evaluations, bpb
+
+
+def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) -> dict:
+    source_name, target_name = MODELS if direction == "forward" else MODELS[::-1]
+    source, target = load_model(source_name), load_model(target_name)
+    corpus = load_corpus(settings.corpus, max_passages=settings.max_passages + HELD_OUT_PASSAGES)
+    # The bridge corpus is a prefix of this shuffled list, so the tail was never fitted on.
+    passages, held_out = corpus[: settings.max_passages], corpus[settings.max_passages :]
+    task = TASKS["sentiment"]
+    train, test = task.splits(0, *settings.sizes("sentiment"))
+    validation = task_validation(plan)
+    source_adapter, _ = _train_adapter(source, task, train, settings, cache)
+    retrained, _ = _train_adapter(target, task, train, settings, cache)
+    kernels = load_adapter(source_adapter).kernels
+    bridges, _ = _fit_bridges(
+        source,
+        target,
+        passages,
+        sorted(kernels, key=lambda s: (s.layer, s.module)),
+        settings,
+        cache,
+    )
+    cartridge = build_cartridge(bridges[DEFAULT_BRIDGE], load_adapter(source_adapter))
+    shared = shared_vocabulary(source.tokenizer, target.tokenizer)
+    students = _students(source, target, kernels, cartridge, passages, plan, out, shared)
+
+    evaluations, bpb = _evaluate_all(
+        source, target, source_adapter, retrained, cartridge, students, test, held_out
+    )
+    if isinstance(students["refined-heads-general"][1], Cartridge):
+        students["refined-heads-general"][1].save(out / "refined-heads-general", overwrite=True)
+
+    labels = torch.tensor(evaluations["target-base"][0].labels)
+    base = evaluations["target-base"][0].scores
+    reference = evaluations["target-retrained"][0].scores
+    rows = []
+    for method, (result, seconds) in evaluations.items():
+        extra = {"eval_seconds": round(seconds, 1)}
+        if method in bpb:
+            extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
+        if method in students:
+            report = students[method][2]
+            extra["train_seconds"] = round(report.seconds, 1)
+            extra["behaviour_cosine"] = report.best["behaviour_cosine"]
+            extra["held_out_kl"] = {"initial": report.initial["kl"], "best": report.best["kl"]}
+            extra["history"] = report.history
+        data = DATA[method.rsplit("-", 1)[1]] if method in students else "see the main benchmark"
+        rows.append(_row(method, result.scores, labels, base, reference, data, **extra))
+
+    source_change = evaluations["source-adapter"][0].scores - evaluations["source-base"][0].scores
+    rows.append(
+        _row(
+            "logit-arithmetic",
+            base + source_change,
+            labels,
+            base,
+            reference,
+            "source and source + adapter at inference, no training",
+        )
+    )
+    validation_result = _sentiment(target.model, target.tokenizer, validation)[0]
+    bias = best_constant_bias(validation_result.scores, torch.tensor(validation_result.labels))
+    rows.append(
+        _row(
+            "control-label-bias",
+            base + bias,
+            labels,
+            base,
+            reference,
+            f"{len(validation)} labelled validation examples (a control, not a method)",
+            bias=bias.tolist(),
+        )
+    )
+    return {
+        "direction": f"{source_name}->{target_name}",
+        "task": "sentiment",
+        "n_test": len(test),
+        "held_out_general_passages": len(held_out),
+        "shared_vocabulary": len(shared),
+        "runs": rows,
+    }
+
+
+def task_validation(plan: Plan):
+    from loracast.eval.sentiment import sentiment_splits
+
+    return sentiment_splits(seed=0).validation[: plan.n_validation]
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_report(document: dict, out: Path) -> None:
+    """Write ``behaviour.json`` and ``behaviour.md`` into ``out``."""
+    _atomic_write(out / "behaviour.json", json.dumps(document, indent=2) + "\n")
+    lines = [
+        "# Behaviour matching (issue 4, first measurements)",
+        "",
+        f"Machine: {document['machine']}. Date: {document['date']}. "
+        f"Commit: {document['commit']}. Wall time: {document['wall_seconds']} s.",
+        "",
+        f"Command: `{document['command']}`",
+        "",
+        "Produced by `benchmarks/behaviour.py`; its docstring defines every row. Gain recovered",
+        "is against the LoRA retrained on the target; push is the mean change of the correct",
+        "label's centred log-likelihood against the target base; bpb change is the change of",
+        "bits per byte on general passages never used for fitting (the retrained LoRA's own",
+        "change is the reference for a harmless side effect).",
+        "",
+    ]
+    if document["quick"]:
+        lines += ["**Quick mode: tiny sizes for smoke testing; these numbers mean nothing.**", ""]
+    for result in document["results"]:
+        lines += [
+            f"## {result['direction']}, {result['task']} ({result['n_test']} test examples)",
+            "",
+            "| method | data it sees | accuracy | gain recovered | 95% interval | negative flips"
+            " | push | behaviour cosine | general bpb change | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in result["runs"]:
+            interval = row["gain_recovered_ci"]
+            lines.append(
+                f"| {row['method']} | {row['data']} | {_fmt(row['score'])} | "
+                f"{_fmt(row['gain_recovered'], 2)} | [{interval[0]:.2f}, {interval[1]:.2f}] | "
+                f"{row['negative_flips']} | {_fmt(row['push_toward_correct_label'], 2)} | "
+                f"{_fmt(row.get('behaviour_cosine'), 3)} | "
+                f"{_fmt(row.get('general_bpb_change'), 4)} | {_fmt(row.get('train_seconds'), 0)} |"
+            )
+        lines.append("")
+    _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--direction", choices=["forward", "reverse"], default="forward")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke testing")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per student")
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
+    parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
+    args = parser.parse_args(argv)
+    arguments = argv if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    commit = _commit()
+    plan = Plan.quick() if args.quick else Plan()
+    if args.steps is not None:
+        plan.steps = args.steps
+    settings = Settings.quick() if args.quick else Settings()
+    cache = cache_dir(args.cache_dir) / "bench"
+    out = Path(args.out)
+    artifacts = cache / "behaviour" / args.direction
+    artifacts.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = run(args.direction, plan, settings, cache, artifacts)
+    document = {
+        "machine": _machine(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": " ".join(["python", "benchmarks/behaviour.py", *arguments]),
+        "quick": args.quick,
+        "plan": asdict(plan),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": [result],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(document, out)
+    print(f"report written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
