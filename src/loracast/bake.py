@@ -1,9 +1,9 @@
 """Bake a cartridge into a standard PEFT LoRA for the target.
 
 A cartridge adds ``delta(x)`` to each anchor's output, where ``x`` is the anchor's input. Baking
-replaces that with the best rank-``R`` linear map ``x → B · A · x`` (plus an optional bias),
-fitted per anchor on the target's own activations over a general corpus by reduced-rank
-regression, which has a closed form: the least-squares map, projected onto the top ``R``
+replaces that with the best rank-``R`` linear map ``x → B · A · x`` (plus an optional bias).
+The map is fitted per anchor on the target's own activations over a general corpus by
+reduced-rank regression. Its closed form is the least-squares map, projected onto the top ``R``
 directions of its fitted outputs. With linear heads the carried delta is itself an affine map
 of rank at most the sum of the kernel ranks at the anchor, so a bake at that rank with a bias is
 exact up to float error.
@@ -85,7 +85,7 @@ class BakeConfig:
 
 @dataclass
 class AnchorBake:
-    """How well one anchor's baked LoRA reproduces the carried delta.
+    """Fit quality of one anchor's baked LoRA against the carried delta.
 
     Attributes:
         anchor: the target module.
@@ -174,9 +174,9 @@ def reduced_rank_regression(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """Fit ``y ≈ B · A · x (+ c)`` with ``A`` of ``rank`` rows, in closed form.
 
-    The least-squares (ridge) map is fitted first; its fitted outputs' top ``rank`` right
-    singular vectors ``V`` then give ``B = V`` and ``A = (C · V)ᵀ``, which minimises the squared
-    error among rank-``rank`` maps for the given inputs.
+    The least-squares (ridge) map ``C`` is fitted first. The top ``rank`` right singular vectors
+    ``V`` of its fitted outputs then give ``B = V`` and ``A = (C · V)ᵀ``. This minimises the
+    squared error among rank-``rank`` maps for the given inputs.
 
     Args:
         x: inputs, ``(n, d_in)``.

@@ -1,10 +1,10 @@
 """Write standard PEFT LoRA folders for the target model, atomically.
 
-Both the data-free baselines and ``loracast bake`` hand back an ordinary PEFT LoRA: an
-``adapter_config.json`` written by PEFT's own ``LoraConfig`` and an
-``adapter_model.safetensors`` whose keys are PEFT's
-(``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight`` and, with a bias,
-``...lora_B.bias``), so the folder loads with ``PeftModel.from_pretrained`` and no loracast code.
+Both the data-free baselines and ``loracast bake`` return an ordinary PEFT LoRA. PEFT's own
+``LoraConfig`` writes ``adapter_config.json``, and ``adapter_model.safetensors`` uses PEFT's key
+names (``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight`` and, with a bias,
+``...lora_B.bias``). The folder therefore loads with ``PeftModel.from_pretrained`` and needs no
+loracast code.
 """
 
 from __future__ import annotations

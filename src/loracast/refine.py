@@ -18,8 +18,8 @@ there. Only general text is used, never task data. Two kinds of text are support
 Two students are supported:
 
 - ``heads``: the cartridge's heads gain zero-initialised low-rank corrections in the kernel's
-  subspace (see ``CarriedSite``); the kernel and the bridge stay frozen, but the corrections
-  belong to this adapter;
+  subspace (see ``CarriedSite``). The kernel and the bridge stay frozen, but the corrections
+  belong to this adapter.
 - ``lora``: a fresh PEFT LoRA on the target trained with the same objective and text, the
   distillation baseline the kernel and heads must beat.
 
@@ -138,7 +138,7 @@ class TeacherSet:
 
 @dataclass
 class RefineReport:
-    """What a refinement did: held-out loss and behaviour cosine before, during and after."""
+    """Held-out loss and behaviour cosine of a refinement, before, during and after training."""
 
     student: str
     config: dict
@@ -203,7 +203,7 @@ def _texts_and_pairs(source, target, passages, config):
             continue
         aligned = aligned_positions(encode(source.tokenizer, text), encode(target.tokenizer, text))
         if config.text == "template":
-            # Only the template's last position, where the adapter's answer would start.
+            # Only the template's last position, where the adapter's output would start.
             target_length = len(encode(target.tokenizer, text).input_ids)
             aligned = [pair for pair in aligned[-1:] if pair[1] == target_length - 1]
         if aligned:
@@ -291,8 +291,11 @@ def build_teacher(
 
 @dataclass
 class _Student:
-    """What the training loop needs: the model to run, its tokenizer, the trained parameters and
-    a context manager that switches the student's delta off (to measure the target alone)."""
+    """The parts of a student that the training loop uses.
+
+    ``switched_off`` is a context manager that turns the student's delta off, so the target
+    alone can be measured.
+    """
 
     model: torch.nn.Module
     tokenizer: object

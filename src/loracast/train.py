@@ -42,6 +42,7 @@ from loracast.eval.sentiment import (
     sentiment_splits,
     sentiment_training_pairs,
 )
+from loracast.serialization import replace_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -278,16 +279,8 @@ def _check_output_folder(out_dir: Path, overwrite: bool) -> None:
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished staging folder to ``out_dir``, replacing an old folder if allowed."""
     _check_output_folder(out_dir, overwrite)
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-
-    # Each rename is atomic, so ``out_dir`` is at any moment the old adapter, the new one or
-    # briefly missing, never a partial folder.
-    previous = staging.with_name(staging.name + ".previous")
-    out_dir.rename(previous)
-    staging.rename(out_dir)
-    shutil.rmtree(previous)
+    # An atomic swap: ``out_dir`` is at any moment the old adapter or the new one.
+    replace_folder(staging, out_dir)
 
 
 def _training_record(
