@@ -378,10 +378,14 @@ def _fit_site(source, recording, site, anchor, train, val, head_config, encoders
     group = INPUT_GROUPS[role_of(source.model, site.module)]
     key = (site.layer, anchor.layer, group)
     if key not in encoders:
-        encoders[key] = fit_head(x_t[train], x_s[train], x_t[val], x_s[val], head_config)
+        encoders[key] = fit_head(
+            x_t[train], x_s[train], x_t[val], x_s[val], head_config, name=f"{site.name} encoder"
+        )
     encoder, encoder_metrics = encoders[key]
 
-    decoder, decoder_metrics = fit_head(y_s[train], y_t[train], y_s[val], y_t[val], head_config)
+    decoder, decoder_metrics = fit_head(
+        y_s[train], y_t[train], y_s[val], y_t[val], head_config, name=f"{site.name} decoder"
+    )
 
     module = source.model.get_submodule(site.name)
     bias = module.bias.detach().float().cpu().clone() if module.bias is not None else None

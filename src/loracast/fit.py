@@ -71,6 +71,8 @@ def fit_head(
     x_val: torch.Tensor,
     y_val: torch.Tensor,
     config: HeadFitConfig,
+    *,
+    name: str = "head",
 ) -> tuple[Head, dict]:
     """Fit a head mapping ``x`` to ``y``: ridge first, then the residual MLP if configured.
 
@@ -78,6 +80,7 @@ def fit_head(
         x_train, y_train: training samples, shapes ``(n, d_in)`` and ``(n, d_out)``.
         x_val, y_val: held-out samples used to pick the ridge penalty and report R².
         config: fitting settings.
+        name: what the head maps, for log messages (``model.layers.3.self_attn.q_proj encoder``).
 
     Returns:
         The head (on the CPU, float32) and metrics: ``ridge_alpha``, ``r2_linear`` and ``r2``
@@ -110,12 +113,12 @@ def fit_head(
 
     metrics = {"ridge_alpha": alpha, "r2_linear": r2_linear, "r2": r2_linear}
     if head.mlp is not None and config.mlp_steps > 0:
-        metrics["r2"] = _train_residual_mlp(head, x_train, y_train, x_val, y_val, config)
+        metrics["r2"] = _train_residual_mlp(head, x_train, y_train, x_val, y_val, config, name)
     head.requires_grad_(False)
     return head, metrics
 
 
-def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config) -> float:
+def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config, name) -> float:
     """Train only the MLP on the standardised residual; keep the best validation state."""
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -137,7 +140,11 @@ def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config) -> float:
         if not torch.isfinite(loss):
             # Keep the last good state (at worst the ridge solution) instead of NaN weights.
             logger.warning(
-                "residual MLP loss became %s at step %d; keeping the best state so far", loss, step
+                "%s: residual MLP loss became %s at step %d; keeping the best state so far "
+                "(lower HeadFitConfig.mlp_lr)",
+                name,
+                loss.item(),
+                step,
             )
             break
         optimizer.zero_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +22,7 @@ from loracast import serialization
 from loracast.adapters import load_adapter
 from loracast.bridge import BridgeConfig, fit_bridge, fit_bridge_from_recording, record_corpus
 from loracast.cartridge import CARTRIDGE_CONFIG, Cartridge
-from loracast.fit import HeadFitConfig
+from loracast.fit import HeadFitConfig, fit_head
 from loracast.models import load_model
 from loracast.serialization import FormatError
 from tests.unit.test_adapters import save_random_adapter
@@ -250,3 +252,15 @@ def test_killed_transfer_leaves_a_cartridge_that_loads(model_folders):
             "cartridge.safetensors",
         ]
     assert "old" in outcomes
+
+
+def test_diverging_mlp_head_keeps_its_last_good_state(caplog):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=generator)
+    y = x @ torch.randn(6, 4, generator=generator) + 0.1 * torch.randn(200, 4, generator=generator)
+    config = HeadFitConfig(mlp_hidden=8, mlp_steps=50, mlp_lr=1e30)
+    with caplog.at_level(logging.WARNING, logger="loracast.fit"):
+        head, metrics = fit_head(x[:150], y[:150], x[150:], y[150:], config, name="layer 3 encoder")
+    assert "layer 3 encoder: residual MLP loss became" in caplog.text
+    assert all(torch.isfinite(parameter).all() for parameter in head.parameters())
+    assert metrics["r2"] >= metrics["r2_linear"]
