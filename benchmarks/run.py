@@ -41,7 +41,7 @@ from tasks import TASKS, Scores  # noqa: E402
 
 import loracast  # noqa: E402
 from loracast.adapters import load_adapter  # noqa: E402
-from loracast.bake import BAKE_FILE, bake  # noqa: E402
+from loracast.bake import BAKE_FILE, BakeConfig, bake  # noqa: E402
 from loracast.baselines import copy_transfer, weight_space_transfer  # noqa: E402
 from loracast.bridge import Bridge, BridgeConfig, fit_bridge_from_recording, record_corpus  # noqa: E402
 from loracast.cartridge import build_cartridge  # noqa: E402
@@ -381,11 +381,16 @@ def _baseline_folders(source, target, source_adapter, cache, svd_cache, task_cos
 
 def _baked_folder(target, bridge_folder, source_adapter, cartridge, corpus, cache, task_costs):
     """Bake (or reuse) the default cartridge into a PEFT LoRA for the target."""
-    folder = cache / "baked" / f"{bridge_folder}+{source_adapter.name}"
+    config = BakeConfig()
+    key = _key({"config": asdict(config), "loracast": loracast.__version__})
+    folder = cache / "baked" / f"{bridge_folder}+{source_adapter.name}-{key}"
     if not (folder / "adapter_model.safetensors").exists():
-        result = bake(cartridge, target, corpus, folder, overwrite=True, show_progress=False)
+        result = bake(
+            cartridge, target, corpus, folder, config=config, overwrite=True, show_progress=False
+        )
         errors = [anchor.relative_error for anchor in result.anchors]
         task_costs["bake"] = {
+            "folder": folder.name,
             "seconds": round(result.seconds, 1),
             "relative_error_mean": sum(errors) / len(errors),
             "relative_error_worst": max(errors),
@@ -394,6 +399,7 @@ def _baked_folder(target, bridge_folder, source_adapter, cartridge, corpus, cach
         record = json.loads((folder / BAKE_FILE).read_text())
         errors = [anchor["relative_error"] for anchor in record["anchors"]]
         task_costs["bake"] = {
+            "folder": folder.name,
             "seconds": record["seconds"],
             "relative_error_mean": sum(errors) / len(errors),
             "relative_error_worst": max(errors),
@@ -486,8 +492,7 @@ def run_direction(
             "baked": _tokens_per_second(
                 target,
                 settings.speed_tokens,
-                adapter=cache / "baked" / f"{costs['bridges'][BAKED_FROM]['folder']}+"
-                f"{source_adapter.name}",
+                adapter=cache / "baked" / costs["tasks"][task.name]["bake"]["folder"],
             ),
         }
         logger.info("%s %s done", direction, task.name)
