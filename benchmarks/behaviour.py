@@ -79,7 +79,7 @@ HELD_OUT_PASSAGES = 24
 class Plan:
     """Sizes of the experiment."""
 
-    general_positions: int = 4000
+    general_positions: int = 8000
     template_passages: int = 400
     steps: int = 100
     batch_size: int = 8
@@ -262,6 +262,11 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
             extra["behaviour_cosine"] = report.best["behaviour_cosine"]
             extra["held_out_kl"] = {"initial": report.initial["kl"], "best": report.best["kl"]}
             extra["history"] = report.history
+        if method == DEFAULT_BRIDGE:
+            # The refinement starts from this cartridge, so its step-0 figures describe it.
+            start = students["refined-heads-general"][2].initial
+            extra["behaviour_cosine"] = start["behaviour_cosine"]
+            extra["held_out_kl"] = {"initial": start["kl"]}
         data = DATA[method.rsplit("-", 1)[1]] if method in students else "see the main benchmark"
         rows.append(_row(method, result.scores, labels, base, reference, data, **extra))
 
