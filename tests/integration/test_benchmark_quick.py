@@ -57,13 +57,19 @@ def test_quick_benchmark_writes_report(tmp_path):
         "target-retrained",
         "cartridge-mlp",
         "cartridge-linear",
+        "baked",
         "weight-projection",
     ):
         assert method in methods
+    for costs in document["costs"]:
+        for task_costs in costs["tasks"].values():
+            assert task_costs["tokens_per_second"]["baked"] > 0
+            assert 0 <= task_costs["bake"]["relative_error_mean"] <= 1.5
     retrained = [run for run in runs if run["method"] == "target-retrained"]
     for run in retrained:
         assert run["gain_recovered"] == pytest.approx(1.0) or math.isnan(run["gain_recovered"])
 
     report = (tmp_path / "benchmarks.md").read_text()
     assert "Quick mode" in report
+    assert "## Gain recovered" in report
     assert list((tmp_path / "benchmarks").glob("*.png"))
