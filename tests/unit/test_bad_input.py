@@ -264,3 +264,16 @@ def test_diverging_mlp_head_keeps_its_last_good_state(caplog):
     assert "layer 3 encoder: residual MLP loss became" in caplog.text
     assert all(torch.isfinite(parameter).all() for parameter in head.parameters())
     assert metrics["r2"] >= metrics["r2_linear"]
+
+
+def test_slow_tokenizer_cannot_be_aligned(tmp_path):
+    from transformers import BertTokenizer
+
+    from loracast.align import encode
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat"]) + "\n")
+    slow = BertTokenizer(str(vocab))
+    assert not slow.is_fast
+    with pytest.raises(ValueError, match="has no offset mapping.*use_fast=True"):
+        encode(slow, "the cat sat")
