@@ -183,11 +183,23 @@ def kernel_hooks(model: torch.nn.Module, kernels: dict[Site, Kernel]) -> Iterato
             handle.remove()
 
 
-def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+def _final_hidden(model, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states ``(batch, seq, d)`` without the vocabulary logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    mask = torch.ones_like(input_ids)
+    mask = torch.ones_like(input_ids) if mask is None else mask
     return decoder_of(base)(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]
+
+
+def _right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask ``(batch, seq)``; right padding keeps every position index."""
+    encoded = [tokenizer(text)["input_ids"] for text in texts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(encoded), max(map(len, encoded))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _texts_and_pairs(source, target, passages, config):
@@ -306,19 +318,22 @@ class _Student:
 def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, weighted):
     """Weighted KL(q* ‖ student) over the positions of texts ``indices``, and the log-probs."""
     device = student.parameters[0].device
-    losses, weights, log_probs = [], [], []
-    for index in indices:
-        text, positions = teacher.texts[index], teacher.positions[index]
-        ids = torch.tensor([student.tokenizer(text)["input_ids"]], device=device)
-        hidden = _final_hidden(student.model, ids)[0, positions]  # (n, d_target)
-        logits = restricted_logits(student.model, hidden, shared.target_ids)
-        log_student = logits.log_softmax(-1)  # (n, n_shared)
-        rows = teacher.rows(index)
-        log_teacher = teacher.log_teacher[rows].float().to(device)
-        losses.append((log_teacher.exp() * (log_teacher - log_student)).sum(-1))
-        weights.append(teacher.weights[rows].to(device) if weighted else torch.ones(len(positions)))
-        log_probs.append(log_student.detach().cpu())
-    loss, weight = torch.cat(losses), torch.cat(weights).to(device)
+    ids, mask = _right_padded(student.tokenizer, [teacher.texts[i] for i in indices], device)
+    hidden = _final_hidden(student.model, ids, mask)  # (batch, seq, d_target)
+    rows = [torch.full((len(teacher.positions[i]),), k) for k, i in enumerate(indices)]
+    columns = [torch.tensor(teacher.positions[i]) for i in indices]
+    selected = hidden[torch.cat(rows).to(device), torch.cat(columns).to(device)]  # (n, d_target)
+    log_student = restricted_logits(student.model, selected, shared.target_ids).log_softmax(-1)
+
+    spans = [teacher.rows(i) for i in indices]
+    log_teacher = torch.cat([teacher.log_teacher[span] for span in spans]).float().to(device)
+    loss = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # (n,)
+    if weighted:
+        weight = torch.cat([teacher.weights[span] for span in spans]).to(device)
+    else:
+        weight = torch.ones_like(loss)
+    sizes = [len(teacher.positions[i]) for i in indices]
+    log_probs = list(log_student.detach().cpu().split(sizes))
     return (loss * weight).sum() / weight.sum().clamp_min(1e-12), log_probs
 
 

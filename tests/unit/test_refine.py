@@ -170,3 +170,25 @@ def test_refine_config_reports_every_error():
         RefineConfig(text="template", steps=0, learning_rate=-1.0)
     message = str(error.value)
     assert "{text}" in message and "steps" in message and "learning_rate" in message
+
+
+def test_batched_loss_matches_one_text_at_a_time(setup, tiny_source, tiny_target, tiny_corpus):
+    from loracast.refine import _batch_loss, _Student
+
+    _, adapter, shared = setup
+    config = RefineConfig(max_positions=300)
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+    lengths = [len(text) for text in teacher.texts[:4]]
+    assert len(set(lengths)) > 1, "texts of different lengths exercise the padding"
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    student = _Student(tiny_target.model, tiny_target.tokenizer, [parameter], None)
+    with torch.no_grad():
+        batched, batched_log_probs = _batch_loss(student, teacher, [0, 1, 2, 3], shared, False)
+        singles = [_batch_loss(student, teacher, [i], shared, False) for i in range(4)]
+    for (_, log_probs), together in zip(singles, batched_log_probs, strict=True):
+        assert torch.allclose(log_probs[0], together, atol=1e-4)
+    counts = [len(teacher.positions[i]) for i in range(4)]
+    mean = sum(loss * n for (loss, _), n in zip(singles, counts, strict=True)) / sum(counts)
+    assert torch.allclose(batched, mean, atol=1e-5)
