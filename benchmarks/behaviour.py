@@ -16,6 +16,10 @@ them when missing) and adds, for the sentiment task:
   into the adapter's prompt template (``Tweet: {text}\\nSentiment:``), trained at its last
   position. This second setting uses the template, a small piece of task information, but no
   labels and no task examples;
+- ``refined-heads-template-centred`` and ``distilled-lora-template-centred``: the same, with the
+  adapter's mean change over all filled templates removed from the teacher. Filled with general
+  text, the template makes the adapter favour one label on average, and the student should not
+  learn that constant shift;
 - ``logit-arithmetic``: the target's choice log-likelihoods plus the source adapter's change of
   them (proxy-tuning at the sequence level), which needs the source and source + adapter at
   inference;
@@ -160,7 +164,8 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
 def _students(source, target, kernels, cartridge, passages, plan, out, shared):
     """Train the four refined variants; returns ``{method: (kind, artifact, report)}``."""
     students = {}
-    for text in ("general", "template"):
+    for setting in SETTINGS:
+        text = "general" if setting == "general" else "template"
         config = RefineConfig(
             text=text,
             template=PROMPT_TEMPLATE if text == "template" else None,
@@ -168,23 +173,27 @@ def _students(source, target, kernels, cartridge, passages, plan, out, shared):
             steps=plan.steps,
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate,
+            centre_shift=setting == "template-centred",
         )
         started = time.perf_counter()
         teacher = build_teacher(source, target, kernels, passages, shared, config)
         teacher_seconds = time.perf_counter() - started
         refined, report = refine_cartridge(cartridge, target, teacher, shared, config)
         report.seconds += teacher_seconds
-        students[f"refined-heads-{text}"] = ("cartridge", refined, report)
-        folder = out / f"distilled-lora-{text}"
+        students[f"refined-heads-{setting}"] = ("cartridge", refined, report)
+        folder = out / f"distilled-lora-{setting}"
         report = distil_lora(target, teacher, shared, folder, config)
         report.seconds += teacher_seconds
-        students[f"distilled-lora-{text}"] = ("adapter", folder, report)
+        students[f"distilled-lora-{setting}"] = ("adapter", folder, report)
     return students
 
 
+SETTINGS = ("general", "template", "template-centred")
 DATA = {
     "general": "general corpus text only",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
+    "template-centred": "as template; the adapter's mean change over the filled templates is "
+    "removed from the teacher",
 }
 
 
@@ -267,7 +276,8 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
             start = students["refined-heads-general"][2].initial
             extra["behaviour_cosine"] = start["behaviour_cosine"]
             extra["held_out_kl"] = {"initial": start["kl"]}
-        data = DATA[method.rsplit("-", 1)[1]] if method in students else "see the main benchmark"
+        setting = method.split("-", 2)[2] if method in students else None
+        data = DATA[setting] if setting else "see the main benchmark"
         rows.append(_row(method, result.scores, labels, base, reference, data, **extra))
 
     source_change = evaluations["source-adapter"][0].scores - evaluations["source-base"][0].scores

@@ -71,6 +71,10 @@ class RefineConfig:
         batch_size: passages per step.
         learning_rate: AdamW learning rate of the trained low-rank matrices.
         weight_positions: weight each position by KL(P_source+adapter ‖ P_source).
+        centre_shift: remove the adapter's mean change over all teacher positions from each
+            position's change before tilting, so the student learns how the change varies
+            between inputs and not a constant shift. A template filled with general text
+            makes the adapter favour one label on average, and this is that shift.
         eval_every: steps between held-out evaluations; the best state is kept.
         lora_rank: rank of the ``lora`` student.
         lora_modules: module names of the ``lora`` student.
@@ -86,6 +90,7 @@ class RefineConfig:
     batch_size: int = 8
     learning_rate: float = 1e-3
     weight_positions: bool = True
+    centre_shift: bool = False
     eval_every: int = 20
     lora_rank: int = 8
     lora_modules: tuple[str, ...] = ("q_proj", "v_proj")
@@ -284,7 +289,11 @@ def build_teacher(
 
         log_base, log_adapted = base.log_softmax(-1).cpu(), adapted.log_softmax(-1).cpu()
         shift = log_adapted - log_base  # (n, n_shared)
-        teacher.append((target_logits + shift).log_softmax(-1).half())
+        if config.centre_shift:
+            # Kept apart until the mean shift over all positions is known.
+            teacher.append((target_logits.half(), shift.half()))
+        else:
+            teacher.append((target_logits + shift).log_softmax(-1).half())
         change.append((shift - shift.mean(-1, keepdim=True)).half())
         weights.append((log_adapted.exp() * shift).sum(-1).clamp_min(0.0))
         kept_texts.append(text)
@@ -292,6 +301,12 @@ def build_teacher(
         total += len(aligned)
     if not kept_texts:
         raise ValueError("no passage gave an aligned position; pass longer general-corpus passages")
+    if config.centre_shift:
+        mean_shift = sum(shift.float().sum(0) for _, shift in teacher) / total  # (n_shared,)
+        teacher = [
+            (logits.float() + shift.float() - mean_shift).log_softmax(-1).half()
+            for logits, shift in teacher
+        ]
     return TeacherSet(
         texts=kept_texts,
         positions=kept_positions,

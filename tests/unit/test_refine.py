@@ -192,3 +192,34 @@ def test_batched_loss_matches_one_text_at_a_time(setup, tiny_source, tiny_target
     counts = [len(teacher.positions[i]) for i in range(4)]
     mean = sum(loss * n for (loss, _), n in zip(singles, counts, strict=True)) / sum(counts)
     assert torch.allclose(batched, mean, atol=1e-5)
+
+
+def test_centred_teacher_removes_the_mean_shift(setup, tiny_source, tiny_target, tiny_corpus):
+    _, adapter, shared = setup
+    plain = build_teacher(
+        tiny_source,
+        tiny_target,
+        adapter.kernels,
+        tiny_corpus,
+        shared,
+        RefineConfig(max_positions=200),
+        show_progress=False,
+    )
+    centred = build_teacher(
+        tiny_source,
+        tiny_target,
+        adapter.kernels,
+        tiny_corpus,
+        shared,
+        RefineConfig(max_positions=200, centre_shift=True),
+        show_progress=False,
+    )
+    # Recover each teacher's tilt against the target: log q* minus the target's log-probs,
+    # centred per position. Centring must remove the mean tilt over positions.
+    assert torch.equal(plain.weights, centred.weights)
+    difference = plain.log_teacher.float() - centred.log_teacher.float()
+    difference = difference - difference.mean(-1, keepdim=True)
+    mean_shift = plain.source_change.float().mean(0)
+    expected = mean_shift - mean_shift.mean()
+    assert torch.allclose(difference, expected.expand_as(difference), atol=0.05)
+    assert expected.abs().max() > 0.05
