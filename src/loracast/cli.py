@@ -177,6 +177,45 @@ def _bake(args) -> int:
     return 0
 
 
+def _refine(args) -> int:
+    from loracast.adapters import load_adapter, validate_adapter
+    from loracast.cartridge import Cartridge
+    from loracast.corpus import load_corpus
+    from loracast.peft_export import check_output_free
+    from loracast.refine import RefineConfig, build_teacher, refine_cartridge
+    from loracast.vocabulary import shared_vocabulary
+
+    check_output_free(Path(args.out).expanduser(), args.overwrite)
+    config = RefineConfig(
+        text="template" if args.template else "general",
+        template=args.template,
+        max_positions=args.max_positions,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        centre_shift=args.centre_shift,
+    )
+    corpus = load_corpus(args.corpus, max_passages=args.max_passages, text_field=args.text_field)
+    source, target = _load(args, args.source), _load(args, args.target)
+    cartridge = Cartridge.load(args.cartridge, target=target)
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    validate_adapter(adapter, source.model)
+    shared = shared_vocabulary(source.tokenizer, target.tokenizer)
+    teacher = build_teacher(
+        source, target, adapter.kernels, corpus, shared, config, show_progress=not args.quiet
+    )
+    refined, report = refine_cartridge(
+        cartridge, target, teacher, shared, config, show_progress=not args.quiet
+    )
+    refined.save(args.out, overwrite=args.overwrite)
+    print(f"refined cartridge saved to {args.out}")
+    print(
+        f"held-out KL {report.initial['kl']:.4f} -> {report.best['kl']:.4f}, behaviour cosine "
+        f"{report.initial['behaviour_cosine']:.3f} -> {report.best['behaviour_cosine']:.3f} "
+        f"(best step {report.best_step} of {config.steps}, {report.seconds:.0f} s)"
+    )
+    return 0
+
+
 def _info(args) -> int:
     from loracast.cartridge import CARTRIDGE_CONFIG
     from loracast.serialization import read_config
@@ -313,6 +352,47 @@ def build_parser() -> argparse.ArgumentParser:
     baking.add_argument("--overwrite", action="store_true", help="replace the output folder")
     _add_model_options(baking)
     baking.set_defaults(handler=_bake)
+
+    refining = commands.add_parser(
+        "refine",
+        help="refine a cartridge so the target's next-token change matches the adapter's",
+    )
+    refining.add_argument("--cartridge", required=True, help="cartridge folder to refine")
+    refining.add_argument("--source", required=True, help="model the adapter was trained on")
+    refining.add_argument("--adapter", required=True, help="the cartridge's PEFT LoRA folder")
+    refining.add_argument("--target", required=True, help="the cartridge's target model")
+    refining.add_argument("--out", required=True, help="refined cartridge folder to write")
+    refining.add_argument(
+        "--corpus",
+        default="bbc-news",
+        help="general text: a .txt/.jsonl file, a folder, or bbc-news (default)",
+    )
+    refining.add_argument("--text-field", default="text", help="JSONL field with the text")
+    refining.add_argument("--max-passages", type=int, default=400, help="corpus passages read")
+    refining.add_argument(
+        "--max-positions", type=int, default=4000, help="aligned positions in the teacher set"
+    )
+    refining.add_argument("--steps", type=int, default=100, help="optimiser steps")
+    refining.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
+    refining.add_argument(
+        "--template",
+        default=None,
+        help="the adapter's prompt template with a {text} field: train at its last position on "
+        "corpus text filled into it (uses the template, but no labels or task examples)",
+    )
+    refining.add_argument(
+        "--centre-shift",
+        action="store_true",
+        help="remove the adapter's mean change over the teacher positions from the teacher",
+    )
+    refining.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept an adapter saved as a pickle file (can run code)",
+    )
+    refining.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    _add_model_options(refining)
+    refining.set_defaults(handler=_refine)
 
     info = commands.add_parser("info", help="print a cartridge's sites, anchors and held-out R²")
     info.add_argument("cartridge", help="cartridge folder")

@@ -126,3 +126,42 @@ def test_bake_writes_a_peft_folder_that_loads(model_folders, capsys):
         == 2
     )
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_refine_writes_a_refined_cartridge(model_folders, capsys):
+    cartridge = model_folders / "cartridge"
+    assert main(_transfer_args(model_folders, cartridge)) == 0
+    refined = model_folders / "refined"
+    code = main(
+        [
+            "-q",
+            "refine",
+            "--cartridge",
+            str(cartridge),
+            "--source",
+            str(model_folders / "source"),
+            "--adapter",
+            str(model_folders / "adapter"),
+            "--target",
+            str(model_folders / "target"),
+            "--corpus",
+            str(model_folders / "corpus.txt"),
+            "--out",
+            str(refined),
+            "--max-positions",
+            "200",
+            "--steps",
+            "4",
+            "--template",
+            "Note: {text}\nLabel:",
+            "--device",
+            "cpu",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "held-out KL" in printed
+    config = json.loads((refined / "cartridge.json").read_text())
+    assert config["refinement"]["text"] == "template"
+    assert config["refinement"]["template"] == "Note: {text}\nLabel:"
+    assert main(["info", str(refined)]) == 0
