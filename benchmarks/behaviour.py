@@ -50,6 +50,7 @@ from peft import PeftModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from label_bias_control import best_constant_bias  # noqa: E402
 from report import _atomic_write  # noqa: E402
 from run import (  # noqa: E402
     MODELS,
@@ -125,19 +126,6 @@ def _bits_per_byte(model, tokenizer, passages) -> float:
 
 def _centred(scores: torch.Tensor) -> torch.Tensor:
     return scores - scores.mean(1, keepdim=True)
-
-
-def best_constant_bias(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Grid-search the bias on labels 1 and 2 (label 0 fixed at 0) that maximises accuracy."""
-    grid = torch.arange(-6.0, 6.01, 0.1)
-    best_accuracy, best_bias = -1.0, torch.zeros(3)
-    for first in grid:
-        for second in grid:
-            bias = torch.tensor([0.0, float(first), float(second)])
-            accuracy = ((scores + bias).argmax(1) == labels).float().mean().item()
-            if accuracy > best_accuracy:
-                best_accuracy, best_bias = accuracy, bias
-    return best_bias
 
 
 def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
@@ -292,7 +280,7 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
         )
     )
     validation_result = _sentiment(target.model, target.tokenizer, validation)[0]
-    bias = best_constant_bias(validation_result.scores, torch.tensor(validation_result.labels))
+    bias, _ = best_constant_bias(validation_result.scores, torch.tensor(validation_result.labels))
     rows.append(
         _row(
             "control-label-bias",

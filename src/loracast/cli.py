@@ -37,6 +37,28 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_corpus_options(parser: argparse.ArgumentParser, max_passages: int) -> None:
+    parser.add_argument(
+        "--corpus",
+        default="bbc-news",
+        help="general text: a .txt/.jsonl file, a folder, or bbc-news (default)",
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field with the text")
+    parser.add_argument(
+        "--max-passages", type=int, default=max_passages, help="corpus passages read"
+    )
+
+
+def _add_output_options(parser: argparse.ArgumentParser, *, pickle: bool) -> None:
+    if pickle:
+        parser.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="accept an adapter saved as a pickle file (can run code)",
+        )
+    parser.add_argument("--overwrite", action="store_true", help="replace the output folder")
+
+
 def _load(args, name):
     from loracast.models import load_model
 
@@ -250,6 +272,65 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_bake_parser(commands) -> None:
+    baking = commands.add_parser("bake", help="distil a cartridge into a standard PEFT LoRA")
+    baking.add_argument("--cartridge", required=True, help="cartridge folder")
+    baking.add_argument("--target", required=True, help="the cartridge's target model")
+    baking.add_argument("--out", required=True, help="PEFT LoRA folder to write")
+    baking.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="LoRA rank (default: the kernel ranks carried to each anchor, exact for linear heads)",
+    )
+    baking.add_argument(
+        "--bias",
+        action="store_true",
+        help="also fit a bias per anchor (lora_bias): exact for linear heads, but PEFT cannot "
+        "merge it into layers without a bias",
+    )
+    _add_corpus_options(baking, max_passages=200)
+    baking.add_argument("--max-tokens", type=int, default=128, help="target tokens per passage")
+    baking.add_argument(
+        "--max-positions", type=int, default=4000, help="token positions recorded per anchor"
+    )
+    _add_output_options(baking, pickle=False)
+    _add_model_options(baking)
+    baking.set_defaults(handler=_bake)
+
+
+def _add_refine_parser(commands) -> None:
+    refining = commands.add_parser(
+        "refine",
+        help="refine a cartridge so the target's next-token change matches the adapter's",
+    )
+    refining.add_argument("--cartridge", required=True, help="cartridge folder to refine")
+    refining.add_argument("--source", required=True, help="model the adapter was trained on")
+    refining.add_argument("--adapter", required=True, help="the cartridge's PEFT LoRA folder")
+    refining.add_argument("--target", required=True, help="the cartridge's target model")
+    refining.add_argument("--out", required=True, help="refined cartridge folder to write")
+    _add_corpus_options(refining, max_passages=400)
+    refining.add_argument(
+        "--max-positions", type=int, default=4000, help="aligned positions in the teacher set"
+    )
+    refining.add_argument("--steps", type=int, default=100, help="optimiser steps")
+    refining.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
+    refining.add_argument(
+        "--template",
+        default=None,
+        help="the adapter's prompt template with a {text} field: train at its last position on "
+        "corpus text filled into it (uses the template, but no labels or task examples)",
+    )
+    refining.add_argument(
+        "--centre-shift",
+        action="store_true",
+        help="remove the adapter's mean change over the teacher positions from the teacher",
+    )
+    _add_output_options(refining, pickle=True)
+    _add_model_options(refining)
+    refining.set_defaults(handler=_refine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -281,16 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", required=True, help="model the adapter was trained on")
     run.add_argument("--target", required=True, help="model to carry the adapter to")
     run.add_argument("--adapter", required=True, help="PEFT LoRA folder trained on the source")
-    run.add_argument(
-        "--corpus",
-        default="bbc-news",
-        help="general text: a .txt/.jsonl file, a folder, or bbc-news (default)",
-    )
+    _add_corpus_options(run, max_passages=400)
     run.add_argument("--out", required=True, help="cartridge folder to write")
     run.add_argument("--bridge", default=None, help="reuse a saved bridge instead of fitting one")
     run.add_argument("--save-bridge", default=None, help="also save the fitted bridge here")
-    run.add_argument("--text-field", default="text", help="JSONL field with the text")
-    run.add_argument("--max-passages", type=int, default=400, help="corpus passages read")
     run.add_argument("--max-tokens", type=int, default=128, help="source tokens per passage")
     run.add_argument("--max-positions", type=int, default=12000, help="aligned positions recorded")
     run.add_argument(
@@ -301,12 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mlp-hidden", type=int, default=128, help="hidden width of the MLP heads")
     run.add_argument("--seed", type=int, default=0, help="seed of the validation split and MLPs")
-    run.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="accept an adapter saved as a pickle file (can run code)",
-    )
-    run.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    _add_output_options(run, pickle=True)
     _add_model_options(run)
     run.set_defaults(handler=_transfer)
 
@@ -322,77 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(generate)
     generate.set_defaults(handler=_generate)
 
-    baking = commands.add_parser("bake", help="distil a cartridge into a standard PEFT LoRA")
-    baking.add_argument("--cartridge", required=True, help="cartridge folder")
-    baking.add_argument("--target", required=True, help="the cartridge's target model")
-    baking.add_argument("--out", required=True, help="PEFT LoRA folder to write")
-    baking.add_argument(
-        "--rank",
-        type=int,
-        default=None,
-        help="LoRA rank (default: the kernel ranks carried to each anchor, exact for linear heads)",
-    )
-    baking.add_argument(
-        "--bias",
-        action="store_true",
-        help="also fit a bias per anchor (lora_bias): exact for linear heads, but PEFT cannot "
-        "merge it into layers without a bias",
-    )
-    baking.add_argument(
-        "--corpus",
-        default="bbc-news",
-        help="general text to fit on: a .txt/.jsonl file, a folder, or bbc-news (default)",
-    )
-    baking.add_argument("--text-field", default="text", help="JSONL field with the text")
-    baking.add_argument("--max-passages", type=int, default=200, help="corpus passages read")
-    baking.add_argument("--max-tokens", type=int, default=128, help="target tokens per passage")
-    baking.add_argument(
-        "--max-positions", type=int, default=4000, help="token positions recorded per anchor"
-    )
-    baking.add_argument("--overwrite", action="store_true", help="replace the output folder")
-    _add_model_options(baking)
-    baking.set_defaults(handler=_bake)
-
-    refining = commands.add_parser(
-        "refine",
-        help="refine a cartridge so the target's next-token change matches the adapter's",
-    )
-    refining.add_argument("--cartridge", required=True, help="cartridge folder to refine")
-    refining.add_argument("--source", required=True, help="model the adapter was trained on")
-    refining.add_argument("--adapter", required=True, help="the cartridge's PEFT LoRA folder")
-    refining.add_argument("--target", required=True, help="the cartridge's target model")
-    refining.add_argument("--out", required=True, help="refined cartridge folder to write")
-    refining.add_argument(
-        "--corpus",
-        default="bbc-news",
-        help="general text: a .txt/.jsonl file, a folder, or bbc-news (default)",
-    )
-    refining.add_argument("--text-field", default="text", help="JSONL field with the text")
-    refining.add_argument("--max-passages", type=int, default=400, help="corpus passages read")
-    refining.add_argument(
-        "--max-positions", type=int, default=4000, help="aligned positions in the teacher set"
-    )
-    refining.add_argument("--steps", type=int, default=100, help="optimiser steps")
-    refining.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
-    refining.add_argument(
-        "--template",
-        default=None,
-        help="the adapter's prompt template with a {text} field: train at its last position on "
-        "corpus text filled into it (uses the template, but no labels or task examples)",
-    )
-    refining.add_argument(
-        "--centre-shift",
-        action="store_true",
-        help="remove the adapter's mean change over the teacher positions from the teacher",
-    )
-    refining.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="accept an adapter saved as a pickle file (can run code)",
-    )
-    refining.add_argument("--overwrite", action="store_true", help="replace the output folder")
-    _add_model_options(refining)
-    refining.set_defaults(handler=_refine)
+    _add_bake_parser(commands)
+    _add_refine_parser(commands)
 
     info = commands.add_parser("info", help="print a cartridge's sites, anchors and held-out R²")
     info.add_argument("cartridge", help="cartridge folder")
