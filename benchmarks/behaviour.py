@@ -150,7 +150,7 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
 
 
 def _students(source, target, kernels, cartridge, passages, plan, out, shared):
-    """Train the four refined variants; returns ``{method: (kind, artifact, report)}``."""
+    """Train every (setting, student) variant; returns ``{method: (kind, artifact, report)}``."""
     students = {}
     for setting in SETTINGS:
         text = "general" if setting == "general" else "template"
