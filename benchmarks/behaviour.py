@@ -360,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke testing")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per student")
+    parser.add_argument(
+        "--general-positions", type=int, default=None, help="teacher positions of general text"
+    )
+    parser.add_argument(
+        "--template-passages", type=int, default=None, help="passages filled into the template"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
     args = parser.parse_args(argv)
@@ -370,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.steps is not None:
         plan.steps = args.steps
+    if args.general_positions is not None:
+        plan.general_positions = args.general_positions
+    if args.template_passages is not None:
+        plan.template_passages = args.template_passages
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)
