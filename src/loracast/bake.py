@@ -261,17 +261,26 @@ def _bake_anchor(cartridge, anchor, inputs, kernel_rank, config):
     return A, B, constant, report
 
 
-def _warn_if_rank_low(report: AnchorBake) -> None:
-    if report.energy_kept < ENERGY_WARNING:
-        logger.warning(
-            "%s: rank %d keeps %.4f of the carried delta's energy (held-out error %.3g); "
-            "raise --rank (the kernels carried here have rank %d)",
-            report.anchor,
-            report.rank,
-            report.energy_kept,
-            report.relative_error,
-            report.kernel_rank,
-        )
+def _warn_if_rank_low(reports: list[AnchorBake]) -> None:
+    """Log one warning naming the anchors whose rank keeps too little of the carried delta."""
+    low = [report for report in reports if report.energy_kept < ENERGY_WARNING]
+    if not low:
+        return
+    worst = min(low, key=lambda report: report.energy_kept)
+    logger.warning(
+        "at %d of %d anchors the rank keeps less than %.3f of the carried delta's energy; worst "
+        "%s: rank %d keeps %.4f (held-out error %.3g, kernel rank %d). Raise --rank if the "
+        "held-out errors in %s are too large; nonlinear heads are never exactly low-rank",
+        len(low),
+        len(reports),
+        ENERGY_WARNING,
+        worst.anchor,
+        worst.rank,
+        worst.energy_kept,
+        worst.relative_error,
+        worst.kernel_rank,
+        BAKE_FILE,
+    )
 
 
 def _model_card(cartridge: Cartridge, target_name: str, result: BakeResult, extra: dict) -> str:
@@ -381,9 +390,9 @@ def bake(
             if constant is not None:
                 biases[parse_site(anchor)] = constant
             reports.append(report)
-            _warn_if_rank_low(report)
     finally:
         cartridge.float()
+    _warn_if_rank_low(reports)
 
     result = BakeResult(path=out_dir, anchors=reports, seconds=time.perf_counter() - started)
     record = {

@@ -100,7 +100,8 @@ def test_too_low_a_rank_is_reported(tiny_source, tiny_target, tiny_corpus, tmp_p
     assert all(report.rank == 1 for report in result.anchors)
     assert all(report.energy_kept < 0.999 for report in result.anchors)
     assert result.worst_error > 1e-3
-    assert "raise --rank" in caplog.text
+    assert "Raise --rank" in caplog.text
+    assert "at 6 of 6 anchors" in caplog.text
     config = json.loads((tmp_path / "baked" / "adapter_config.json").read_text())
     assert config["r"] == 1
 
