@@ -167,7 +167,7 @@ def write_report(document: dict, out: Path) -> None:
         "`benchmarks-schema.md`.",
         "",
         "One bridge is fitted per direction (and per seed for the MLP heads) on general text",
-        "only, and it carries all three tasks' adapters without refitting. Its recording and",
+        "only, and it carries every task's adapter without refitting. Its recording and",
         "fitting times are therefore paid once per direction, while a retrained LoRA is paid per",
         "task. The general corpus is checked against every held-out text: the costs tables count",
         "held-out texts that share any 8-word sequence with the corpus, and each count must be 0.",
