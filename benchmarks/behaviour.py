@@ -51,7 +51,7 @@ from peft import PeftModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from label_bias_control import best_constant_bias  # noqa: E402
-from report import _atomic_write  # noqa: E402
+from report import _atomic_write, run_header  # noqa: E402
 from run import (  # noqa: E402
     MODELS,
     ROOT,
@@ -318,13 +318,7 @@ def write_report(document: dict, out: Path) -> None:
     """Write ``behaviour.json`` and ``behaviour.md`` into ``out``."""
     _atomic_write(out / "behaviour.json", json.dumps(document, indent=2) + "\n")
     lines = [
-        "# Behaviour matching (issue 4, first measurements)",
-        "",
-        f"Machine: {document['machine']}. Date: {document['date']}. "
-        f"Commit: {document['commit']}. Wall time: {document['wall_seconds']} s.",
-        "",
-        f"Command: `{document['command']}`",
-        "",
+        *run_header(document, "Behaviour matching"),
         "Produced by `benchmarks/behaviour.py`; its docstring defines every row. Gain recovered",
         "is against the LoRA retrained on the target; push is the mean change of the correct",
         "label's centred log-likelihood against the target base; bpb change is the change of",
@@ -332,8 +326,6 @@ def write_report(document: dict, out: Path) -> None:
         "change is the reference for a harmless side effect).",
         "",
     ]
-    if document["quick"]:
-        lines += ["**Quick mode: tiny sizes for smoke testing; these numbers mean nothing.**", ""]
     for result in document["results"]:
         lines += [
             f"## {result['direction']}, {result['task']} ({result['n_test']} test examples)",

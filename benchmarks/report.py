@@ -142,15 +142,10 @@ def _slug(text: str) -> str:
     return "".join(char if char.isalnum() else "-" for char in text).strip("-").lower()
 
 
-def write_report(document: dict, out: Path) -> None:
-    """Write ``benchmarks.json``, ``benchmarks.md`` and the plots into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    plots = out / "benchmarks"
-    plots.mkdir(exist_ok=True)
-    _atomic_write(out / "benchmarks.json", json.dumps(document, indent=2) + "\n")
-
+def run_header(document: dict, title: str) -> list[str]:
+    """Return a report's title, machine, date, commit, wall time, command and quick-mode flag."""
     lines = [
-        "# Benchmarks",
+        f"# {title}",
         "",
         f"Machine: {document['machine']}. Date: {document['date']}. "
         f"Commit: {document['commit']}. Wall time: {document['wall_seconds']} s.",
@@ -160,6 +155,17 @@ def write_report(document: dict, out: Path) -> None:
     ]
     if document["quick"]:
         lines += ["**Quick mode: tiny sizes for smoke testing; these numbers mean nothing.**", ""]
+    return lines
+
+
+def write_report(document: dict, out: Path) -> None:
+    """Write ``benchmarks.json``, ``benchmarks.md`` and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = out / "benchmarks"
+    plots.mkdir(exist_ok=True)
+    _atomic_write(out / "benchmarks.json", json.dumps(document, indent=2) + "\n")
+
+    lines = run_header(document, "Benchmarks")
     lines += [
         "Gain recovered = (method − target base) / (target retrained − target base), on the",
         "reduction for bits per byte; 1 means the method does what a LoRA retrained on the target",

@@ -297,7 +297,7 @@ def fit_bridge_from_recording(
     Several head variants (linear or MLP heads, other seeds) can be fitted from one recording.
 
     Raises:
-        ValueError: the recording lacks a site or anchor, holds NaN or inf, or contains too
+        ValueError: the recording lacks a site or anchor, contains NaN or inf, or contains too
             few passages.
     """
     config = config or BridgeConfig()

@@ -41,7 +41,7 @@ CARTRIDGE_WEIGHTS = "cartridge.safetensors"
 class CarriedSite(nn.Module):
     """One site's kernel between its encoder and decoder: maps an anchor input to a delta.
 
-    A refined cartridge (``loracast.refine``) also holds two low-rank head corrections in the
+    A refined cartridge (``loracast.refine``) also contains two low-rank head corrections in the
     kernel's own subspace: ``read_correction`` ``(r, d_in_target)`` adds to the kernel's rank-r
     code what the encoder missed, read from the standardised anchor input, and
     ``write_correction`` ``(d_out_target, r)`` adds to the decoder what that code should write.

@@ -209,7 +209,7 @@ def resolve_model_path(name_or_path: str, cache: str | os.PathLike | None = None
 
 
 def _load_pretrained(name_or_path: str, folder: str, gguf_file: str | None, load, **kwargs):
-    """Call a ``from_pretrained`` and turn its errors into messages that say what to do."""
+    """Call a ``from_pretrained`` and turn its errors into messages that name the fix."""
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:

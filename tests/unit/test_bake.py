@@ -61,7 +61,8 @@ def test_linear_heads_bake_exactly_with_bias(tiny_source, tiny_target, tiny_corp
     assert config["lora_bias"] is True
     assert sorted(config["target_modules"]) == sorted(cartridge.anchors)
     card = (tmp_path / "baked" / CARD_FILE).read_text()
-    assert tiny_target.name in card and "PeftModel.from_pretrained" in card
+    assert tiny_target.name in card
+    assert "PeftModel.from_pretrained" in card
 
 
 def test_bake_without_bias_merges_to_the_same_logits(
@@ -122,7 +123,9 @@ def test_bake_config_reports_every_error():
     with pytest.raises(ValueError) as error:
         BakeConfig(rank=0, max_positions=-1, validation_fraction=1.5)
     message = str(error.value)
-    assert "rank" in message and "max_positions" in message and "validation_fraction" in message
+    assert "rank" in message
+    assert "max_positions" in message
+    assert "validation_fraction" in message
 
 
 @pytest.mark.parametrize("bias", [False, True])

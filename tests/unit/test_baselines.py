@@ -115,7 +115,7 @@ def test_project_delta_matches_numpy_reference():
         assert np.allclose(projected.numpy(), expected, atol=1e-10), f"k={k}"
 
 
-def test_svd_cache_gives_the_same_projection_and_is_reused():
+def test_svd_cache_reuses_same_projection():
     generator = torch.Generator().manual_seed(3)
     weight_source = torch.randn(16, 12, dtype=torch.float64, generator=generator)
     weight_target = torch.randn(20, 24, dtype=torch.float64, generator=generator)

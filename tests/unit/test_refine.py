@@ -66,9 +66,7 @@ def test_kernel_hooks_match_peft(setup, tiny_source, tmp_path):
     assert not torch.allclose(_logits(tiny_source), reference)
 
 
-def test_teacher_is_a_distribution_and_equals_the_target_without_an_adapter_effect(
-    setup, tiny_source, tiny_target, tiny_corpus
-):
+def test_teacher_without_adapter_effect_is_target(setup, tiny_source, tiny_target, tiny_corpus):
     _, adapter, shared = setup
     config = RefineConfig(max_positions=200)
     teacher = build_teacher(
@@ -77,7 +75,8 @@ def test_teacher_is_a_distribution_and_equals_the_target_without_an_adapter_effe
     n = teacher.log_teacher.shape[0]
     assert n == sum(len(positions) for positions in teacher.positions) <= 200
     assert torch.allclose(teacher.log_teacher.float().logsumexp(-1), torch.zeros(n), atol=1e-2)
-    assert (teacher.weights >= 0).all() and teacher.weights.sum() > 0
+    assert (teacher.weights >= 0).all()
+    assert teacher.weights.sum() > 0
 
     zero = {site: type(kernel)(kernel.A, kernel.B, 0.0) for site, kernel in adapter.kernels.items()}
     flat = build_teacher(
@@ -103,9 +102,7 @@ def test_template_teacher_uses_only_the_last_position(setup, tiny_source, tiny_t
         assert positions == [len(tiny_target.tokenizer(text)["input_ids"]) - 1]
 
 
-def test_refined_heads_lower_the_held_out_kl_and_survive_save_load(
-    setup, tiny_source, tiny_target, tiny_corpus, tmp_path
-):
+def test_refined_heads_lower_kl_and_reload(setup, tiny_source, tiny_target, tiny_corpus, tmp_path):
     cartridge, adapter, shared = setup
     config = RefineConfig(learning_rate=1e-2, **QUICK)
     teacher = build_teacher(
@@ -133,7 +130,7 @@ def test_refined_heads_lower_the_held_out_kl_and_survive_save_load(
         assert torch.allclose(_logits(tiny_target), after, atol=1e-6)
 
 
-def test_distilled_lora_learns_a_representable_effect_and_restores_the_target(
+def test_distilled_lora_learns_representable_effect(
     tiny_target, metaspace_tokenizer, tiny_corpus, tmp_path
 ):
     # The target is its own source here, so a rank-4 LoRA can represent the adapter's effect.
@@ -169,7 +166,9 @@ def test_refine_config_reports_every_error():
     with pytest.raises(ValueError) as error:
         RefineConfig(text="template", steps=0, learning_rate=-1.0)
     message = str(error.value)
-    assert "{text}" in message and "steps" in message and "learning_rate" in message
+    assert "{text}" in message
+    assert "steps" in message
+    assert "learning_rate" in message
 
 
 def test_batched_loss_matches_one_text_at_a_time(setup, tiny_source, tiny_target, tiny_corpus):
