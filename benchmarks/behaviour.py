@@ -27,10 +27,10 @@ them when missing) and adds, for the sentiment task:
   the labelled validation split. A control, not a method: a carried adapter that only moves the
   label prior is not transfer.
 
-Beside accuracy and gain recovered it reports the mean push toward the correct label (the change
-of the correct label's centred log-likelihood against the target base), the behaviour cosine on
-held-out corpus positions, and the side effect on general text: the change of bits per byte on
-corpus passages never used for fitting.
+Beside accuracy and gain recovered it reports three more figures. The push is the mean change
+of the correct label's centred log-likelihood against the target base. The behaviour cosine is
+measured on held-out corpus positions. The side effect on general text is the change of bits
+per byte on corpus passages never used for fitting.
 """
 
 from __future__ import annotations
