@@ -115,19 +115,20 @@ def _key(payload: dict) -> str:
 
 def _train_adapter(loaded, task, examples, settings, cache) -> tuple[Path, float]:
     """Train (or reuse) the task adapter on ``loaded``; returns its folder and training time."""
+    pairs = task.training_pairs(examples)
     key = _key(
         {
             "model": loaded.name,
             "fingerprint": loaded.fingerprint,
             "task": task.name,
             "n_train": settings.sizes(task.name)[0],
+            "pairs": hashlib.sha256(json.dumps(pairs).encode()).hexdigest(),
             "recipe": settings.recipe.to_dict(),
             "loracast": loracast.__version__,
         }
     )
     folder = cache / "adapters" / f"{task.name}-{loaded.name}-{key}"
     if not (folder / "adapter_model.safetensors").exists():
-        pairs = task.training_pairs(examples)
         train_lora(
             loaded.model,
             loaded.tokenizer,

@@ -95,7 +95,9 @@ def _evaluate_sentiment(model, tokenizer, examples) -> Scores:
 
 
 def _evaluate_arithmetic(model, tokenizer, examples) -> Scores:
-    result = evaluate_generation(model, tokenizer, examples, show_progress=False)
+    # Larger batches cut the per-call overhead of ``generate``: 48 prompts took 7 s in one batch
+    # and 15 s in batches of 8 on 2 CPU cores.
+    result = evaluate_generation(model, tokenizer, examples, batch_size=32, show_progress=False)
     return _correct_scores(result.correct)
 
 

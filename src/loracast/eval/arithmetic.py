@@ -156,10 +156,11 @@ def arithmetic_splits(
 def arithmetic_training_pairs(examples: Sequence[GenerationExample]) -> list[tuple[str, str]]:
     """Turn examples into ``(prompt, completion)`` pairs for ``loracast.train.train_lora``.
 
-    The completion is a space and the answer, e.g. ``" 432"``, which is what a model is
-    expected to generate after ``"Answer:"``.
+    The completion is a space, the answer and a newline, e.g. ``" 432\\n"``. The newline teaches
+    the model where to stop: generations are cut at the first newline, so a model trained on
+    the bare answer keeps writing after a right result (``" 149 = "``) and never matches.
     """
-    return [(example.prompt, " " + example.answer) for example in examples]
+    return [(example.prompt, " " + example.answer + "\n") for example in examples]
 
 
 def _pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
