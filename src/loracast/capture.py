@@ -21,6 +21,24 @@ from loracast.align import Encoded, aligned_positions, encode, truncate_text
 logger = logging.getLogger(__name__)
 
 
+def hook_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """Return a module call's input: its first argument, or ``hidden_states`` passed by name.
+
+    Decoder layers (the anchors of families not in the role table) may take their input by name.
+    """
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def hook_output(output) -> torch.Tensor:
+    """Return a module's output tensor; decoder layers of some families return a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_output(output, value: torch.Tensor):
+    """Return ``output`` with its tensor replaced by ``value``, keeping a tuple's other items."""
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
 @contextmanager
 def recording_hooks(
     model: nn.Module,
@@ -41,17 +59,18 @@ def recording_hooks(
     handles = []
 
     def make_hook(name: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             rows = (index["batch"], index["position"])
             entry = store.setdefault(name, {"input": [], "output": []})
-            entry["input"].append(args[0][rows].detach().float().cpu())
-            entry["output"].append(output[rows].detach().float().cpu())
+            entry["input"].append(hook_input(args, kwargs)[rows].detach().float().cpu())
+            entry["output"].append(hook_output(output)[rows].detach().float().cpu())
 
         return hook
 
     try:
         for name in module_names:
-            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
         yield
     finally:
         for handle in handles:
