@@ -73,7 +73,7 @@ class Adapter:
     path: Path
     config: dict
     kernels: dict[Site, Kernel] = field(default_factory=dict)
-    # Trained modules whose weights the adapter contains but loracast does not carry.
+    # Names of trained weights in the adapter that loracast does not carry (modules_to_save).
     not_carried: list[str] = field(default_factory=list)
 
     @property
@@ -163,16 +163,16 @@ def _scale(config: dict, module_name: str, rank: int) -> float:
     return alpha / rank
 
 
-def _module_of(key: str) -> str:
-    """Return the module name of a weight key, without PEFT's prefix and the tensor name."""
-    name = key.removeprefix("base_model.model.")
-    return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+def _weight_name(key: str) -> str:
+    """Return a weight's name in the base model (``model.layers.0.self_attn.q_proj.bias``)."""
+    # PEFT saves the trained bias of a LoRA-wrapped module under its base_layer.
+    return key.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _split_keys(
     path: Path, weights: dict[str, torch.Tensor]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Group LoRA weights per module; return them and the other trained modules, sorted."""
+    """Group LoRA weights per module; return them and the names of the other weights, sorted."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others = set()
     for key, tensor in weights.items():
@@ -184,7 +184,7 @@ def _split_keys(
             )
         part = next((name for name in ("lora_A", "lora_B") if f".{name}." in key), None)
         if part is None:
-            others.add(_module_of(key))
+            others.add(_weight_name(key))
             continue
         module_key, _, tensor_name = key.partition(f".{part}.")
         if not tensor_name.endswith("weight"):
@@ -203,8 +203,8 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         allow_pickle: also read ``adapter_model.bin`` (a pickle) when no safetensors file exists.
 
     Other trained weights in the folder (``modules_to_save``, biases trained with
-    ``bias="all"``, trainable tokens) are not carried: they are listed in
-    ``Adapter.not_carried`` and named in one logged warning.
+    ``bias="all"`` or ``"lora_only"``, trainable tokens) are not carried: their names are listed
+    in ``Adapter.not_carried`` and in one logged warning.
 
     Returns:
         The adapter, kernels in float32 on the CPU, one per adapted module (a fused projection
@@ -237,10 +237,15 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     if not kernels:
         raise ValueError(f"{folder / WEIGHTS_FILE} contains no lora_A/lora_B weights")
 
-    not_carried = sorted(set(others) | set(config.get("modules_to_save") or []))
+    unsaved = [
+        module
+        for module in config.get("modules_to_save") or []
+        if not any(name.startswith(f"{module}.") for name in others)
+    ]
+    not_carried = others + unsaved
     if not_carried or config.get("trainable_token_indices"):
         logger.warning(
-            "%s: these trained modules are not carried, only the LoRA weights are: %s%s",
+            "%s: these trained weights are not carried, only the LoRA weights are: %s%s",
             folder,
             ", ".join(not_carried) or "none",
             " (and trainable_token_indices)" if config.get("trainable_token_indices") else "",

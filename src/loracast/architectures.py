@@ -319,8 +319,10 @@ _DISCOVERED_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _discover_layers(model: nn.Module) -> str:
-    """Find the decoder layer list of a family not in ``FAMILIES``: the only ``nn.ModuleList``
-    with ``config.num_hidden_layers`` entries."""
+    """Find the decoder layer list of a family not in ``FAMILIES``.
+
+    It is the only ``nn.ModuleList`` with ``config.num_hidden_layers`` entries.
+    """
     if model in _DISCOVERED_LAYERS:
         return _DISCOVERED_LAYERS[model]
     model_type = getattr(model.config, "model_type", None)

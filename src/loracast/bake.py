@@ -161,7 +161,11 @@ def record_anchor_inputs(
             for row, ids in enumerate(encoded):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            index = {"batch": torch.tensor(rows), "position": torch.tensor(positions)}
+            index = {
+                "batch": torch.tensor(rows),
+                "position": torch.tensor(positions),
+                "length": length,
+            }
             with torch.no_grad(), recording_hooks(model, anchors, index, store):
                 decoder_of(model)(
                     input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False

@@ -442,7 +442,7 @@ def _fit_site(source, target, recording, site, anchor, split, head_config, encod
     )
 
     module = source.model.get_submodule(site.module_name)
-    weight = linear_weight(module).detach().float().cpu()  # (d_out_module, d_in_source)
+    weight = linear_weight(module).detach().float().cpu().contiguous()  # (d_out, d_in_source)
     bias = module.bias.detach().float().cpu() if module.bias is not None else None
     if site_rows is not None:
         weight = weight[site_rows]

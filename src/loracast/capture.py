@@ -39,6 +39,16 @@ def with_output(output, value: torch.Tensor):
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
+def _select(tensor: torch.Tensor, index: dict) -> torch.Tensor:
+    """Return the rows of ``index`` from a ``(batch, seq, d)`` tensor or its flattened form.
+
+    OPT's fc1 and fc2 read their input flattened to ``(batch · seq, d)``.
+    """
+    if tensor.dim() == 2:
+        return tensor[index["batch"] * index["length"] + index["position"]]
+    return tensor[index["batch"], index["position"]]
+
+
 @contextmanager
 def recording_hooks(
     model: nn.Module,
@@ -51,8 +61,9 @@ def recording_hooks(
     Args:
         model: the model whose modules are hooked.
         module_names: full module names, as in ``model.named_modules()``.
-        index: ``{"batch": LongTensor, "position": LongTensor}``; read at every forward call,
-            so the caller updates it before each batch.
+        index: ``{"batch": LongTensor, "position": LongTensor, "length": int}``, with
+            ``length`` the padded sequence length; read at every forward call, so the caller
+            updates it before each batch.
         store: receives ``store[name]["input"]`` and ``store[name]["output"]`` lists of
             ``(n_rows, d)`` float32 CPU tensors.
     """
@@ -60,10 +71,9 @@ def recording_hooks(
 
     def make_hook(name: str):
         def hook(module, args, kwargs, output):
-            rows = (index["batch"], index["position"])
             entry = store.setdefault(name, {"input": [], "output": []})
-            entry["input"].append(hook_input(args, kwargs)[rows].detach().float().cpu())
-            entry["output"].append(hook_output(output)[rows].detach().float().cpu())
+            entry["input"].append(_select(hook_input(args, kwargs), index).detach().float().cpu())
+            entry["output"].append(_select(hook_output(output), index).detach().float().cpu())
 
         return hook
 
@@ -114,9 +124,10 @@ def decoder_of(model: nn.Module) -> nn.Module:
 def _forward_recorded(model, tokenizer, encoded, rows, module_names, store) -> None:
     batch_index = torch.tensor([row for row, _ in rows], dtype=torch.long)
     position_index = torch.tensor([position for _, position in rows], dtype=torch.long)
-    index = {"batch": batch_index, "position": position_index}
     device = next(model.parameters()).device
     batch = _pad_batch(encoded, tokenizer.pad_token_id, device)
+    index = {"batch": batch_index, "position": position_index}
+    index["length"] = batch["input_ids"].shape[1]
     with torch.no_grad(), recording_hooks(model, module_names, index, store):
         decoder_of(model)(**batch, use_cache=False)
 
