@@ -41,7 +41,7 @@ _UNSUPPORTED_VARIANTS = {
     "arrow_config": "Arrow routing between LoRAs",
 }
 
-# Initialisations that also change the base weights; such an adapter needs its modified base.
+# Initialisations that also change the base weights, so the adapter needs that modified base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
@@ -113,7 +113,7 @@ def _check_lora_config(path: Path, config: dict) -> None:
     for key, variant in _UNSUPPORTED_VARIANTS.items():
         if config.get(key):
             raise ValueError(
-                f"{path}: {key} is {config[key]!r}, which makes the adapter {variant}; this "
+                f"{path}: {key} is {config[key]!r}, which makes the adapter {variant}. This "
                 f"variant is not supported: {SUPPORTED}"
             )
     init = str(config.get("init_lora_weights", "")).lower()
@@ -172,15 +172,15 @@ def _weight_name(key: str) -> str:
 def _split_keys(
     path: Path, weights: dict[str, torch.Tensor]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Group LoRA weights per module; return them and the names of the other weights, sorted."""
+    """Group the LoRA weights per module, and return them with the other weights' names."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     others = set()
     for key, tensor in weights.items():
         if ".lora_embedding_A" in key or ".lora_embedding_B" in key:
             module = key.split(".lora_embedding_")[0].removeprefix("base_model.model.")
             raise ValueError(
-                f"{path}: the adapter has a LoRA on the embedding {module!r}; an embedding "
-                f"update is tied to the source vocabulary and cannot be carried: {SUPPORTED}"
+                f"{path}: the adapter has a LoRA on the embedding {module!r}, which cannot be "
+                f"carried because it is tied to the source vocabulary: {SUPPORTED}"
             )
         part = next((name for name in ("lora_A", "lora_B") if f".{name}." in key), None)
         if part is None:

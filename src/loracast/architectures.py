@@ -16,13 +16,13 @@ attention, instead of one map that mixes them.
 
 A site is matched to the target module with the same role in the mapped layer: its anchor. A
 role the target lacks falls back first to ``ROLE_FALLBACKS`` (a non-gated MLP has one input
-projection, ``up``, that stands in for ``gate``), then to the module of the same block that
-writes the residual stream (``o`` or ``down``). A site whose role is unknown (a source family
+projection, ``up``, which replaces ``gate``), then to the module of the same block that writes
+the residual stream (``o`` or ``down``). A site whose role is unknown (a source family
 not in ``FAMILIES``), or whose target family is not in ``FAMILIES``, is carried to the output
 of the mapped decoder layer, which is the residual stream itself.
 
-To support a new family, add an entry to ``FAMILIES``; module paths are relative to one decoder
-layer and the layer list path is relative to the ``...ForCausalLM`` model.
+To support a new family, add an entry to ``FAMILIES``. Its module paths are relative to one
+decoder layer, and its layer list path is relative to the ``...ForCausalLM`` model.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class FusedProjection:
 
 @dataclass(frozen=True)
 class Family:
-    """Where a model family keeps its decoder layers and which module plays each role.
+    """A model family's decoder layer list and the module that plays each role.
 
     Attributes:
         layers: path of the decoder layer list in the causal LM (``model.layers``).

@@ -95,7 +95,7 @@ def _cached_singular_vectors(
     if cache is None:
         return _top_singular_vectors(weight, k)
     # _version changes on every in-place write, so an edited weight never reuses a stale SVD.
-    # The stride tells a Conv1D weight's transpose from the weight itself.
+    # The stride distinguishes a Conv1D weight's transpose from the weight itself.
     key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight._version, k)
     if key not in cache:
         cache[key] = _top_singular_vectors(weight, k)

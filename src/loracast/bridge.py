@@ -82,7 +82,7 @@ class SiteHeads:
     """The learned maps of one site.
 
     ``site_rows`` and ``anchor_rows`` are the output rows of a fused projection that the site or
-    the anchor covers (None for a whole module); ``source_weight`` has the site's rows only.
+    the anchor covers, or None for a whole module. ``source_weight`` has the site's rows only.
     """
 
     site: Site
@@ -213,7 +213,7 @@ def bridge_from_config(config: dict, tensors: dict[str, torch.Tensor]) -> Bridge
 
 
 def _load_rows(tensors: dict, key: str, site: Site, width: int) -> torch.Tensor | None:
-    """Read the output rows of a fused-projection part; files without parts have none."""
+    """Read the output rows of a fused-projection part. Whole modules and older files have none."""
     rows = tensors.get(key)
     if (rows is None) != (site.part is None):
         raise ValueError(f"{key}: rows must be stored exactly for parts of fused projections")
@@ -256,7 +256,7 @@ def _split_by_text(recording: Recording, fraction: float, seed: int):
 
 
 def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Site, Site]]:
-    """Split fused sites per role and match each to its anchor; warn about role changes."""
+    """Split fused sites per role, match each to its anchor, and warn about role changes."""
     layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
     anchors = {
         site: anchor_for(source.model, target.model, site, layer_map)
@@ -265,8 +265,9 @@ def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Sit
     changes = describe_role_changes(source.model, target.model, anchors)
     if changes:
         logger.warning(
-            "the target (%s) has no module with the same role for some sites; they are carried "
-            "to the nearest module that writes the residual stream, or the stand-in role: %s",
+            "the target (%s) has no module with the same role for some sites, so they are "
+            "carried to the fallback role or the nearest module that writes the residual "
+            "stream: %s",
             target.model.config.model_type,
             "; ".join(changes),
         )
@@ -409,7 +410,7 @@ def fit_bridge(
 
 
 def _columns(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """Keep the output columns of a fused-projection part; a whole module keeps all."""
+    """Keep the output columns of a fused-projection part, or all columns of a whole module."""
     return tensor if rows is None else tensor[:, rows]
 
 

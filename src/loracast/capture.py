@@ -30,7 +30,7 @@ def hook_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def hook_output(output) -> torch.Tensor:
-    """Return a module's output tensor; decoder layers of some families return a tuple."""
+    """Return a module's output tensor, the first item when a decoder layer returns a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 

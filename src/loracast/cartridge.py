@@ -108,7 +108,8 @@ class Cartridge(nn.Module):
         if missing:
             raise ValueError(
                 f"the bridge has no heads for sites {[site.name for site in missing]}; fit a "
-                "bridge on the adapter's modules (loracast transfer fits one)"
+                "bridge on the adapter's modules (loracast transfer fits one), and bind kernels "
+                "with build_cartridge, which splits kernels on fused projections per role"
             )
         self.bridge = bridge
         self.adapter_info = adapter_info

@@ -49,7 +49,7 @@ def merge_parts(
     """Merge the factors of a fused projection's parts into one ``(A, B)`` per whole module.
 
     Part ``p`` with output rows ``I_p`` and factors ``(A_p, B_p)`` contributes its own rank:
-    ``A`` stacks every ``A_p``, and ``B`` holds ``B_p`` in rows ``I_p`` of ``p``'s columns and
+    ``A`` stacks every ``A_p``, and ``B`` contains ``B_p`` in rows ``I_p`` of ``p``'s columns and
     zeros elsewhere. So ``B · A`` is exactly each part's update placed in its rows.
 
     Args:

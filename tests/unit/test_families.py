@@ -263,8 +263,8 @@ def _check_carried_outputs(cartridge: Cartridge, target: LoadedModel) -> None:
 
         return hook
 
-    # Hooks run in registration order: the first sees the module's own output, the last sees
-    # it after every cartridge hook.
+    # Hooks run in registration order: the first receives the module's own output, and the last
+    # receives it after every cartridge hook.
     for name in by_module:
         module = target.model.get_submodule(name)
         handles.append(module.register_forward_hook(keep(raw, name, True)))
@@ -365,7 +365,7 @@ def test_bake_into_fused_target(
     assert change > 1e-3
     assert (baked - carried).abs().max() < 1e-4 * max(1.0, change)
     if target_name == "gpt2":
-        # Merging writes B·A into the Conv1D weight, stored transposed: fan_in_fan_out must hold.
+        # Merging writes B·A into the transposed Conv1D weight, so a wrong fan_in_fan_out shows.
         with torch.no_grad():
             merged = peft_model.merge_and_unload()(**ids).logits
         assert torch.allclose(merged, baked, atol=1e-5)
