@@ -14,6 +14,8 @@ from tokenizers import (
     trainers,
 )
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -106,6 +108,58 @@ def build_tiny_gemma3(vocab_size: int, seed: int = 1, layers: int = 3) -> Gemma3
         sliding_window=16,
     )
     return Gemma3ForCausalLM(config).eval()
+
+
+# Widths shared by most tiny families: hidden 32, 4 query heads, 2 key-value heads.
+_ATTENTION = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+_GQA = {**_ATTENTION, "num_key_value_heads": 2}
+_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+# name → (model_type, config options) for every family in loracast.architectures.FAMILIES;
+# Falcon appears three times, once per layout of its fused query_key_value projection.
+TINY_FAMILIES = {
+    "llama": ("llama", _GQA),
+    "mistral": ("mistral", {**_GQA, "sliding_window": 16}),
+    "qwen2": ("qwen2", _GQA),
+    "qwen3": ("qwen3", {**_GQA, "head_dim": 8}),
+    "gemma": ("gemma", {**_GQA, "num_key_value_heads": 1, "head_dim": 8}),
+    "gemma2": ("gemma2", {**_GQA, "head_dim": 8, "sliding_window": 16}),
+    "gemma3_text": ("gemma3_text", {**_GQA, "hidden_size": 48, "head_dim": 12}),
+    "phi3": ("phi3", _GQA),
+    "phi": ("phi", {**_ATTENTION, "partial_rotary_factor": 0.5}),
+    "gpt2": ("gpt2", {"n_embd": 32, "n_head": 4, "n_positions": 256}),
+    "gpt_neox": ("gpt_neox", _ATTENTION),
+    "opt": ("opt", {"hidden_size": 32, "num_attention_heads": 4, "ffn_dim": 64}),
+    "falcon": ("falcon", {"hidden_size": 32, "num_attention_heads": 4}),
+    "falcon_new": (
+        "falcon",
+        {
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_kv_heads": 2,
+            "new_decoder_architecture": True,
+        },
+    ),
+    "falcon_classic": (
+        "falcon",
+        {"hidden_size": 32, "num_attention_heads": 4, "multi_query": False},
+    ),
+}
+
+
+def build_tiny_family(name: str, vocab_size: int, seed: int = 0, layers: int = 2):
+    """Build a tiny random causal LM of one ``TINY_FAMILIES`` entry, in eval mode."""
+    model_type, options = TINY_FAMILIES[name]
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        num_hidden_layers=layers,
+        max_position_embeddings=256,
+        **_TOKENS,
+        **options,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(scope="session")

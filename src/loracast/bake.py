@@ -10,6 +10,10 @@ exact up to float error.
 
 The folder written is an ordinary PEFT LoRA for the target (see ``loracast.peft_export``) plus
 a model card, ``README.md``, and ``loracast_bake.json`` with the approximation error per anchor.
+Anchors that are roles of one fused projection are fitted separately and merged into one LoRA
+on the projection; GPT-2's Conv1D anchors get PEFT's ``fan_in_fan_out``. An anchor that is a
+decoder layer's output (a target family not in ``loracast.architectures.FAMILIES``) cannot be
+baked, because PEFT adapts linear modules only.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from loracast.architectures import parse_site
+from loracast.architectures import linear_shape
 from loracast.capture import decoder_of, recording_hooks
 from loracast.cartridge import Cartridge
 from loracast.models import LoadedModel
-from loracast.peft_export import check_output_free, write_peft_lora
+from loracast.peft_export import check_output_free, merge_parts, write_peft_lora
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +161,11 @@ def record_anchor_inputs(
             for row, ids in enumerate(encoded):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            index = {"batch": torch.tensor(rows), "position": torch.tensor(positions)}
+            index = {
+                "batch": torch.tensor(rows),
+                "position": torch.tensor(positions),
+                "length": length,
+            }
             with torch.no_grad(), recording_hooks(model, anchors, index, store):
                 decoder_of(model)(
                     input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
@@ -261,6 +269,29 @@ def _bake_anchor(cartridge, anchor, inputs, kernel_rank, config):
     return A, B, constant, report
 
 
+def _anchor_widths(cartridge: Cartridge, target: LoadedModel) -> dict[str, int]:
+    """Return ``{module name: out_features}`` of every anchor module, checking it can be baked.
+
+    Raises:
+        ValueError: an anchor is not a linear or Conv1D module.
+    """
+    widths = {}
+    for anchor in cartridge.anchors:
+        name = cartridge.anchor_site(anchor).module_name
+        module = target.model.get_submodule(name)
+        shape = linear_shape(module)
+        if shape is None:
+            raise ValueError(
+                f"anchor {name} is a {type(module).__name__}, not a Linear or Conv1D module, so "
+                "no PEFT LoRA can hold its update; its target family "
+                f"({target.model.config.model_type}) is not in loracast.architectures.FAMILIES. "
+                "Use the cartridge itself, or add the family to FAMILIES and carry the adapter "
+                "again"
+            )
+        widths[name] = shape[0]
+    return widths
+
+
 def _warn_if_rank_low(reports: list[AnchorBake]) -> None:
     """Log one warning naming the anchors whose rank keeps too little of the carried delta."""
     low = [report for report in reports if report.energy_kept < ENERGY_WARNING]
@@ -356,7 +387,8 @@ def bake(
         ``ENERGY_WARNING`` of the fitted delta's energy are logged as warnings.
 
     Raises:
-        ValueError: ``target`` is not the cartridge's target, or ``texts`` is empty.
+        ValueError: ``target`` is not the cartridge's target, ``texts`` is empty, or an anchor
+            is not a linear or Conv1D module.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
     """
     config = config or BakeConfig()
@@ -368,10 +400,11 @@ def bake(
     started = time.perf_counter()
 
     anchors = sorted(cartridge.anchors)
+    widths = _anchor_widths(cartridge, target)
     inputs = record_anchor_inputs(
         target,
         texts,
-        anchors,
+        sorted(widths),
         max_positions=config.max_positions,
         max_tokens=config.max_tokens,
         batch_size=config.batch_size,
@@ -383,16 +416,22 @@ def bake(
     cartridge.to("cpu").double()
     try:
         for anchor in anchors:
+            site = cartridge.anchor_site(anchor)
             A, B, constant, report = _bake_anchor(
-                cartridge, anchor, inputs[anchor].double(), kernel_ranks[anchor], config
+                cartridge, anchor, inputs[site.module_name].double(), kernel_ranks[anchor], config
             )
-            factors[parse_site(anchor)] = (A, B)
+            factors[site] = (A, B)
             if constant is not None:
-                biases[parse_site(anchor)] = constant
+                biases[site] = constant
             reports.append(report)
     finally:
         cartridge.float()
     _warn_if_rank_low(reports)
+    rows = {cartridge.anchor_site(anchor): cartridge.anchor_rows(anchor) for anchor in anchors}
+    factors, biases = merge_parts(factors, rows, widths, biases if config.bias else None)
+    conv1d = any(
+        not isinstance(target.model.get_submodule(name), torch.nn.Linear) for name in widths
+    )
 
     result = BakeResult(path=out_dir, anchors=reports, seconds=time.perf_counter() - started)
     record = {
@@ -414,8 +453,9 @@ def bake(
         record=record,
         record_file=BAKE_FILE,
         overwrite=overwrite,
-        biases=biases if config.bias else None,
+        biases=biases,
         extra_files={CARD_FILE: _model_card(cartridge, target.name, result, card or {})},
+        fan_in_fan_out=conv1d,
     )
     logger.info(
         "baked %d anchors in %.1f s; held-out relative error worst %.3g",

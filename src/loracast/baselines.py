@@ -11,7 +11,9 @@ Two baselines are compared against loracast's activation-space cartridges:
   of the two modules agree.
 
 Both write a standard PEFT LoRA folder for the target, plus ``loracast_baseline.json``, which
-records the method, its settings and the source adapter.
+records the method, its settings and the source adapter. Like cartridges, both work per role: a
+LoRA on a fused projection is split into its roles' rows, and updates for the roles of a fused
+target projection are merged into one LoRA on it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,18 @@ import torch
 from torch import nn
 
 from loracast.adapters import Adapter, Kernel, load_adapter, validate_adapter
-from loracast.architectures import Site, anchor_for, num_layers, relative_depth_layer_map
+from loracast.architectures import (
+    Site,
+    anchor_for,
+    expand_sites,
+    linear_shape,
+    linear_weight,
+    num_layers,
+    output_rows,
+    relative_depth_layer_map,
+)
 from loracast.models import LoadedModel
-from loracast.peft_export import check_output_free, write_peft_lora
+from loracast.peft_export import check_output_free, merge_parts, write_peft_lora
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +95,8 @@ def _cached_singular_vectors(
     if cache is None:
         return _top_singular_vectors(weight, k)
     # _version changes on every in-place write, so an edited weight never reuses a stale SVD.
-    key = (weight.data_ptr(), tuple(weight.shape), weight._version, k)
+    # The stride distinguishes a Conv1D weight's transpose from the weight itself.
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight._version, k)
     if key not in cache:
         cache[key] = _top_singular_vectors(weight, k)
     return cache[key]
@@ -175,26 +187,66 @@ def refactor_low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return A, B, error
 
 
-def _linear(model: nn.Module, site: Site, side: str) -> nn.Linear:
-    module = model.get_submodule(site.name)
-    if not isinstance(module, nn.Linear):
+def _module(model: nn.Module, site: Site, side: str) -> nn.Module:
+    module = model.get_submodule(site.module_name)
+    if linear_shape(module) is None:
         raise ValueError(
-            f"{side} module {site.name} is a {type(module).__name__}, not a Linear layer, but "
-            "weight-space baselines need linear layers at every site and anchor"
+            f"{side} module {site.module_name} is a {type(module).__name__}, not a Linear or "
+            "Conv1D layer, but weight-space baselines need linear layers at every site and anchor"
         )
     return module
+
+
+def _site_weight(model: nn.Module, site: Site, side: str, cache: dict | None) -> torch.Tensor:
+    """Return the base weight ``(d_out, d_in)`` of a site: a whole module or a part's rows."""
+    module = _module(model, site, side)
+    weight = linear_weight(module)
+    rows = output_rows(model, site)
+    if rows is None:
+        return weight
+    if cache is None:
+        return weight[rows]
+    # The cache keeps each slice alive, so no later tensor can take its address, which
+    # _cached_singular_vectors uses in its key.
+    key = ("rows", module.weight.data_ptr(), module.weight._version, tuple(rows.tolist()))
+    if key not in cache:
+        cache[key] = weight[rows]
+    return cache[key]
+
+
+def _out_features(target: LoadedModel, anchors) -> dict[str, int]:
+    return {
+        anchor.module_name: linear_shape(_module(target.model, anchor, "target"))[0]
+        for anchor in anchors
+    }
 
 
 def _anchors(
     source: LoadedModel, target: LoadedModel, adapter: Adapter
 ) -> dict[Site, list[tuple[Site, Kernel]]]:
-    """Group the adapter's sites by their anchor in the target, in site order."""
+    """Group the adapter's sites, split per role, by their anchor in the target, in site order."""
     layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
     groups: dict[Site, list[tuple[Site, Kernel]]] = {}
-    for site in sorted(adapter.kernels, key=lambda site: (site.layer, site.module)):
-        anchor = anchor_for(source.model, target.model, site, layer_map)
-        groups.setdefault(anchor, []).append((site, adapter.kernels[site]))
+    for site in sorted(adapter.kernels, key=lambda site: site.sort_key):
+        kernel = adapter.kernels[site]
+        for part in expand_sites(source.model, [site]):
+            anchor = anchor_for(source.model, target.model, part, layer_map)
+            rows = output_rows(source.model, part)
+            groups.setdefault(anchor, []).append(
+                (part, kernel if rows is None else kernel.rows(rows))
+            )
     return groups
+
+
+def _write(target: LoadedModel, factors: dict, **options) -> Path:
+    """Merge fused parts and write the PEFT folder, with ``fan_in_fan_out`` for Conv1D."""
+    rows = {anchor: output_rows(target.model, anchor) for anchor in factors}
+    widths = _out_features(target, factors)
+    merged, _ = merge_parts(factors, rows, widths)
+    conv1d = any(not isinstance(target.model.get_submodule(name), nn.Linear) for name in widths)
+    return write_peft_lora(
+        target_name=target.name, factors=merged, fan_in_fan_out=conv1d, **options
+    )
 
 
 def _load_checked_adapter(source: LoadedModel, adapter_path: str | Path) -> Adapter:
@@ -212,11 +264,11 @@ def _project_anchor(
     svd_cache: dict | None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Return the summed ``ΔW_t`` at one anchor (float64) and the ``k`` used for each site."""
-    weight_target = _linear(target.model, anchor, "target").weight
+    weight_target = _site_weight(target.model, anchor, "target", svd_cache)
     delta_target = torch.zeros(weight_target.shape, dtype=torch.float64)
     ks = []
     for site, kernel in contributions:
-        weight_source = _linear(source.model, site, "source").weight
+        weight_source = _site_weight(source.model, site, "source", svd_cache)
         max_k = min(*weight_source.shape, *weight_target.shape)
         k = max_k if rank_k is None else min(rank_k, max_k)
         if rank_k is not None and rank_k > max_k:
@@ -300,10 +352,10 @@ def weight_space_transfer(
         "anchors": anchor_records,
     }
     logger.info("weight-space transfer: %d sites → %d anchors", len(adapter.kernels), len(factors))
-    return write_peft_lora(
-        out_dir,
-        target.name,
+    return _write(
+        target,
         factors,
+        out_dir=out_dir,
         scale=1.0,
         record=record,
         record_file=BASELINE_FILE,
@@ -313,8 +365,7 @@ def weight_space_transfer(
 
 def _check_copy_shapes(target: LoadedModel, groups: dict[Site, list[tuple[Site, Kernel]]]) -> None:
     for anchor, contributions in groups.items():
-        module = _linear(target.model, anchor, "target")
-        expected = (module.out_features, module.in_features)
+        expected = tuple(_site_weight(target.model, anchor, "target", None).shape)
         for site, kernel in contributions:
             found = (kernel.B.shape[0], kernel.A.shape[1])
             if found != expected:
@@ -388,10 +439,10 @@ def copy_transfer(
             for anchor, contributions in groups.items()
         ],
     }
-    return write_peft_lora(
-        out_dir,
-        target.name,
+    return _write(
+        target,
         factors,
+        out_dir=out_dir,
         scale=scale,
         record=record,
         record_file=BASELINE_FILE,

@@ -2,7 +2,8 @@
 
 For each source site the bridge contains the matched target anchor, an encoder from the anchor's
 input space to the site's input space, a decoder from the site's output space to the anchor's
-output space, and the site's base weight (used by nonlinear decoders to carry a change).
+output space, and the site's base weight (used by nonlinear decoders to carry a change). A site
+or anchor that is one role of a fused projection also stores the output rows of that role.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 from tqdm.auto import tqdm
 
 from loracast.architectures import (
-    INPUT_GROUPS,
     Site,
     anchor_for,
+    describe_role_changes,
+    expand_sites,
+    input_group,
+    linear_weight,
     num_layers,
+    output_rows,
     parse_site,
     relative_depth_layer_map,
-    role_of,
 )
 from loracast.capture import Recording, record_pair
 from loracast.fit import HeadFitConfig, fit_head
@@ -75,7 +79,11 @@ class BridgeConfig:
 
 @dataclass
 class SiteHeads:
-    """The learned maps of one site."""
+    """The learned maps of one site.
+
+    ``site_rows`` and ``anchor_rows`` are the output rows of a fused projection that the site or
+    the anchor covers, or None for a whole module. ``source_weight`` has the site's rows only.
+    """
 
     site: Site
     anchor: Site
@@ -84,6 +92,8 @@ class SiteHeads:
     source_weight: torch.Tensor  # (d_out_source, d_in_source)
     source_bias: torch.Tensor | None
     metrics: dict
+    site_rows: torch.Tensor | None = None  # (d_out_source,) long
+    anchor_rows: torch.Tensor | None = None  # (d_out_target,) long
 
 
 def model_identity(loaded) -> dict:
@@ -124,6 +134,10 @@ class Bridge:
             tensors[prefix + "source_weight"] = heads.source_weight
             if heads.source_bias is not None:
                 tensors[prefix + "source_bias"] = heads.source_bias
+            if heads.site_rows is not None:
+                tensors[prefix + "site_rows"] = heads.site_rows
+            if heads.anchor_rows is not None:
+                tensors[prefix + "anchor_rows"] = heads.anchor_rows
         return tensors
 
     def site_records(self) -> list[dict]:
@@ -185,6 +199,8 @@ def bridge_from_config(config: dict, tensors: dict[str, torch.Tensor]) -> Bridge
             source_weight=tensors[prefix + "source_weight"],
             source_bias=tensors.get(prefix + "source_bias"),
             metrics=record.get("metrics", {}),
+            site_rows=_load_rows(tensors, prefix + "site_rows", site, decoder.d_in),
+            anchor_rows=_load_rows(tensors, prefix + "anchor_rows", anchor, decoder.d_out),
         )
     return Bridge(
         source=config["source"],
@@ -194,6 +210,16 @@ def bridge_from_config(config: dict, tensors: dict[str, torch.Tensor]) -> Bridge
         config=config.get("bridge_config", {}),
         stats=config.get("stats", {}),
     )
+
+
+def _load_rows(tensors: dict, key: str, site: Site, width: int) -> torch.Tensor | None:
+    """Read the output rows of a fused-projection part. Whole modules and older files have none."""
+    rows = tensors.get(key)
+    if (rows is None) != (site.part is None):
+        raise ValueError(f"{key}: rows must be stored exactly for parts of fused projections")
+    if rows is not None and tuple(rows.shape) != (width,):
+        raise ValueError(f"{key}: {tuple(rows.shape)} rows stored, but the head is {width} wide")
+    return rows
 
 
 def _load_head(shape: dict, tensors: dict[str, torch.Tensor], prefix: str) -> Head:
@@ -230,8 +256,21 @@ def _split_by_text(recording: Recording, fraction: float, seed: int):
 
 
 def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Site, Site]]:
+    """Split fused sites per role, match each to its anchor, and warn about role changes."""
     layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
-    anchors = {site: anchor_for(source.model, target.model, site, layer_map) for site in sites}
+    anchors = {
+        site: anchor_for(source.model, target.model, site, layer_map)
+        for site in expand_sites(source.model, sites)
+    }
+    changes = describe_role_changes(source.model, target.model, anchors)
+    if changes:
+        logger.warning(
+            "the target (%s) has no module with the same role for some sites, so they are "
+            "carried to the fallback role or the nearest module that writes the residual "
+            "stream: %s",
+            target.model.config.model_type,
+            "; ".join(changes),
+        )
     return layer_map, anchors
 
 
@@ -259,8 +298,8 @@ def record_corpus(
         source,
         target,
         corpus,
-        sorted({site.name for site in sites}),
-        sorted({anchor.name for anchor in anchors.values()}),
+        sorted({site.module_name for site in anchors}),
+        sorted({anchor.module_name for anchor in anchors.values()}),
         max_tokens=config.max_tokens,
         batch_size=config.batch_size,
         max_positions=config.max_positions,
@@ -272,7 +311,7 @@ def record_corpus(
 
 def _check_finite(recording: Recording, site: Site, anchor: Site) -> None:
     """Raise ValueError naming the module whose recorded activations hold NaN or inf."""
-    for side, name in (("source", site.name), ("target", anchor.name)):
+    for side, name in (("source", site.module_name), ("target", anchor.module_name)):
         for kind, tensor in getattr(recording, side)[name].items():
             if not torch.isfinite(tensor).all():
                 bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
@@ -302,21 +341,23 @@ def fit_bridge_from_recording(
     """
     config = config or BridgeConfig()
     layer_map, anchors = _anchors(source, target, sites)
-    for site in sites:
-        if site.name not in recording.source or anchors[site].name not in recording.target:
+    for site, anchor in anchors.items():
+        if site.module_name not in recording.source or anchor.module_name not in recording.target:
             raise ValueError(
-                f"the recording has no activations for {site.name} or its anchor "
-                f"{anchors[site].name}; record the corpus with these sites"
+                f"the recording has no activations for {site.module_name} or its anchor "
+                f"{anchor.module_name}; record the corpus with these sites"
             )
-        _check_finite(recording, site, anchors[site])
+        _check_finite(recording, site, anchor)
 
     started = time.perf_counter()
     train, val = _split_by_text(recording, config.validation_fraction, config.seed)
     fitted = {}
     encoders: dict = {}
-    for site in tqdm(list(sites), desc="fitting heads", disable=not show_progress):
+    for site, anchor in tqdm(
+        list(anchors.items()), desc="fitting heads", disable=not show_progress
+    ):
         fitted[site] = _fit_site(
-            source, recording, site, anchors[site], train, val, config.head, encoders
+            source, target, recording, site, anchor, (train, val), config.head, encoders
         )
     fit_seconds = time.perf_counter() - started
 
@@ -368,27 +409,45 @@ def fit_bridge(
     )
 
 
-def _fit_site(source, recording, site, anchor, train, val, head_config, encoders) -> SiteHeads:
-    site_data = recording.source[site.name]
-    anchor_data = recording.target[anchor.name]
-    x_t, x_s = anchor_data["input"], site_data["input"]
-    y_s, y_t = site_data["output"], anchor_data["output"]
+def _columns(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Keep the output columns of a fused-projection part, or all columns of a whole module."""
+    return tensor if rows is None else tensor[:, rows]
 
-    # Sites that read the same input (q, k and v of one layer) share one encoder.
-    group = INPUT_GROUPS[role_of(source.model, site.module)]
-    key = (site.layer, anchor.layer, group)
-    if key not in encoders:
-        encoders[key] = fit_head(
+
+def _fit_site(source, target, recording, site, anchor, split, head_config, encoders) -> SiteHeads:
+    train, val = split
+    site_rows = output_rows(source.model, site)
+    anchor_rows = output_rows(target.model, anchor)
+    site_data = recording.source[site.module_name]
+    anchor_data = recording.target[anchor.module_name]
+    x_t, x_s = anchor_data["input"], site_data["input"]
+    y_s = _columns(site_data["output"], site_rows)  # (n, d_out_source)
+    y_t = _columns(anchor_data["output"], anchor_rows)  # (n, d_out_target)
+
+    # Sites that read the same input (q, k and v of one layer) share one encoder, when their
+    # anchors read the same input too.
+    encoder_key = (
+        site.layer,
+        input_group(source.model, site),
+        anchor.layer,
+        input_group(target.model, anchor),
+    )
+    if encoder_key not in encoders:
+        encoders[encoder_key] = fit_head(
             x_t[train], x_s[train], x_t[val], x_s[val], head_config, name=f"{site.name} encoder"
         )
-    encoder, encoder_metrics = encoders[key]
+    encoder, encoder_metrics = encoders[encoder_key]
 
     decoder, decoder_metrics = fit_head(
         y_s[train], y_t[train], y_s[val], y_t[val], head_config, name=f"{site.name} decoder"
     )
 
-    module = source.model.get_submodule(site.name)
-    bias = module.bias.detach().float().cpu().clone() if module.bias is not None else None
+    module = source.model.get_submodule(site.module_name)
+    weight = linear_weight(module).detach().float().cpu().contiguous()  # (d_out, d_in_source)
+    bias = module.bias.detach().float().cpu() if module.bias is not None else None
+    if site_rows is not None:
+        weight = weight[site_rows]
+        bias = bias[site_rows] if bias is not None else None
     metrics = {f"encoder_{key}": value for key, value in encoder_metrics.items()}
     metrics.update({f"decoder_{key}": value for key, value in decoder_metrics.items()})
     logger.info(
@@ -403,7 +462,9 @@ def _fit_site(source, recording, site, anchor, train, val, head_config, encoders
         anchor=anchor,
         encoder=encoder,
         decoder=decoder,
-        source_weight=module.weight.detach().float().cpu().clone(),
-        source_bias=bias,
+        source_weight=weight.clone(),
+        source_bias=bias.clone() if bias is not None else None,
         metrics=metrics,
+        site_rows=site_rows,
+        anchor_rows=anchor_rows,
     )

@@ -21,6 +21,34 @@ from loracast.align import Encoded, aligned_positions, encode, truncate_text
 logger = logging.getLogger(__name__)
 
 
+def hook_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """Return a module call's input: its first argument, or ``hidden_states`` passed by name.
+
+    Decoder layers (the anchors of families not in the role table) may take their input by name.
+    """
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def hook_output(output) -> torch.Tensor:
+    """Return a module's output tensor, the first item when a decoder layer returns a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_output(output, value: torch.Tensor):
+    """Return ``output`` with its tensor replaced by ``value``, keeping a tuple's other items."""
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+def _select(tensor: torch.Tensor, index: dict) -> torch.Tensor:
+    """Return the rows of ``index`` from a ``(batch, seq, d)`` tensor or its flattened form.
+
+    OPT's fc1 and fc2 read their input flattened to ``(batch · seq, d)``.
+    """
+    if tensor.dim() == 2:
+        return tensor[index["batch"] * index["length"] + index["position"]]
+    return tensor[index["batch"], index["position"]]
+
+
 @contextmanager
 def recording_hooks(
     model: nn.Module,
@@ -33,25 +61,26 @@ def recording_hooks(
     Args:
         model: the model whose modules are hooked.
         module_names: full module names, as in ``model.named_modules()``.
-        index: ``{"batch": LongTensor, "position": LongTensor}``; read at every forward call,
-            so the caller updates it before each batch.
+        index: ``{"batch": LongTensor, "position": LongTensor, "length": int}``, with
+            ``length`` the padded sequence length; read at every forward call, so the caller
+            updates it before each batch.
         store: receives ``store[name]["input"]`` and ``store[name]["output"]`` lists of
             ``(n_rows, d)`` float32 CPU tensors.
     """
     handles = []
 
     def make_hook(name: str):
-        def hook(module, args, output):
-            rows = (index["batch"], index["position"])
+        def hook(module, args, kwargs, output):
             entry = store.setdefault(name, {"input": [], "output": []})
-            entry["input"].append(args[0][rows].detach().float().cpu())
-            entry["output"].append(output[rows].detach().float().cpu())
+            entry["input"].append(_select(hook_input(args, kwargs), index).detach().float().cpu())
+            entry["output"].append(_select(hook_output(output), index).detach().float().cpu())
 
         return hook
 
     try:
         for name in module_names:
-            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -95,9 +124,10 @@ def decoder_of(model: nn.Module) -> nn.Module:
 def _forward_recorded(model, tokenizer, encoded, rows, module_names, store) -> None:
     batch_index = torch.tensor([row for row, _ in rows], dtype=torch.long)
     position_index = torch.tensor([position for _, position in rows], dtype=torch.long)
-    index = {"batch": batch_index, "position": position_index}
     device = next(model.parameters()).device
     batch = _pad_batch(encoded, tokenizer.pad_token_id, device)
+    index = {"batch": batch_index, "position": position_index}
+    index["length"] = batch["input_ids"].shape[1]
     with torch.no_grad(), recording_hooks(model, module_names, index, store):
         decoder_of(model)(**batch, use_cache=False)
 

@@ -2,8 +2,12 @@
 
 Each anchor of the target gains ``D(scale · B · A · E(x))`` for every site mapped to it, where
 ``x`` is the anchor's input, ``E`` the encoder, ``D`` the decoder's carrying of a change, and
-``A``, ``B``, ``scale`` the frozen LoRA kernel. Hooks add the delta to the anchor's output; they
-are removed on ``detach``, which restores the target's outputs exactly.
+``A``, ``B``, ``scale`` the frozen LoRA kernel. Hooks add the delta to the anchor's output (to
+the anchor's rows only, when the anchor is one role of a fused projection); they are removed on
+``detach``, which restores the target's outputs exactly.
+
+Several cartridges can be attached to one target at once. Each adds its own delta, computed
+from the anchor's input, so each can be scaled, disabled or detached without the others.
 
 NOTE: PEFT has an unrelated method named "Cartridges" (a trained KV prefix); this cartridge is
 not a PEFT type.
@@ -21,8 +25,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from loracast.adapters import Adapter, Kernel
-from loracast.architectures import Site, parse_site
+from loracast.architectures import Site, linear_shape, parse_site
 from loracast.bridge import Bridge, SiteHeads, bridge_from_config
+from loracast.capture import hook_input, hook_output, with_output
 from loracast.models import LoadedModel, config_fingerprint
 from loracast.serialization import (
     FORMAT_VERSION,
@@ -103,7 +108,8 @@ class Cartridge(nn.Module):
         if missing:
             raise ValueError(
                 f"the bridge has no heads for sites {[site.name for site in missing]}; fit a "
-                "bridge on the adapter's modules (loracast transfer fits one)"
+                "bridge on the adapter's modules (loracast transfer fits one), and bind kernels "
+                "with build_cartridge, which splits kernels on fused projections per role"
             )
         self.bridge = bridge
         self.adapter_info = adapter_info
@@ -112,12 +118,15 @@ class Cartridge(nn.Module):
         self.kernels = kernels
         self.carried = nn.ModuleDict()
         self.anchors: dict[str, list[str]] = {}
-        for site, kernel in sorted(
-            kernels.items(), key=lambda item: (item[0].layer, item[0].module)
-        ):
+        self._anchor_sites: dict[str, Site] = {}
+        self._anchor_rows: dict[str, torch.Tensor | None] = {}
+        for site, kernel in sorted(kernels.items(), key=lambda item: item[0].sort_key):
             key = site.name.replace(".", "__")
-            self.carried[key] = CarriedSite(bridge.sites[site], kernel)
-            self.anchors.setdefault(bridge.sites[site].anchor.name, []).append(key)
+            heads = bridge.sites[site]
+            self.carried[key] = CarriedSite(heads, kernel)
+            self.anchors.setdefault(heads.anchor.name, []).append(key)
+            self._anchor_sites[heads.anchor.name] = heads.anchor
+            self._anchor_rows[heads.anchor.name] = heads.anchor_rows
         self.requires_grad_(False)
         self.scale = 1.0
         self.enabled = True
@@ -131,8 +140,20 @@ class Cartridge(nn.Module):
     def is_attached(self) -> bool:
         return bool(self._handles)
 
+    def anchor_site(self, anchor: str) -> Site:
+        """Return the anchor named ``anchor`` (a key of ``anchors``) as a site of the target."""
+        return self._anchor_sites[anchor]
+
+    def anchor_rows(self, anchor: str) -> torch.Tensor | None:
+        """Return the output rows of a fused projection that ``anchor`` covers, or None."""
+        return self._anchor_rows[anchor]
+
     def anchor_delta(self, anchor: str, x: torch.Tensor) -> torch.Tensor:
-        """Return the summed delta of every site carried to ``anchor``, for anchor inputs ``x``."""
+        """Return the summed delta of every site carried to ``anchor``, for anchor inputs ``x``.
+
+        The delta covers the anchor's own rows: all outputs of a whole module, or the rows of
+        one role of a fused projection.
+        """
         total = None
         for key in self.anchors[anchor]:
             delta = self.carried[key](x)
@@ -169,17 +190,37 @@ class Cartridge(nn.Module):
         model = target.model if isinstance(target, LoadedModel) else target
         parameter = next(model.parameters())
         self.to(parameter.device)
-        for anchor in self.anchors:
-            module = model.get_submodule(anchor)
-            self._handles.append(module.register_forward_hook(self._make_hook(anchor)))
+        modules = {anchor: self._anchor_module(model, anchor) for anchor in self.anchors}
+        for anchor, module in modules.items():
+            rows = self._anchor_rows[anchor]
+            rows = rows.to(parameter.device) if rows is not None else None
+            hook = self._make_hook(anchor, rows)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
         return self
 
-    def _make_hook(self, anchor: str):
-        def hook(module, args, output):
+    def _anchor_module(self, model: nn.Module, anchor: str) -> nn.Module:
+        """Return the anchor's module, checking that a fused part's rows fit its output."""
+        site = self._anchor_sites[anchor]
+        module = model.get_submodule(site.module_name)
+        rows = self._anchor_rows[anchor]
+        shape = linear_shape(module)
+        if rows is not None and (shape is None or int(rows.max()) >= shape[0]):
+            raise ValueError(
+                f"anchor {anchor} covers output rows up to {int(rows.max())}, but "
+                f"{site.module_name} is a {type(module).__name__} of shape {shape}; the target's "
+                "layout differs from the one the cartridge was fitted for: carry the adapter again"
+            )
+        return module
+
+    def _make_hook(self, anchor: str, rows: torch.Tensor | None):
+        def hook(module, args, kwargs, output):
             if not self.enabled or self.scale == 0:
                 return None
-            delta = self.anchor_delta(anchor, args[0].float())
-            return output + delta.to(output.dtype)
+            base = hook_output(output)
+            delta = self.anchor_delta(anchor, hook_input(args, kwargs).float()).to(base.dtype)
+            if rows is None:
+                return with_output(output, base + delta)
+            return with_output(output, base.index_add(-1, rows, delta))
 
         return hook
 
@@ -273,7 +314,28 @@ class Cartridge(nn.Module):
 
 
 def build_cartridge(bridge: Bridge, adapter: Adapter) -> Cartridge:
-    """Bind a bridge's heads to an adapter's kernels."""
+    """Bind a bridge's heads to an adapter's kernels.
+
+    A kernel on a fused projection is split into one kernel per role, each with its role's rows
+    of ``B``, matching the bridge's sites.
+
+    Raises:
+        ValueError: the bridge has no heads for some of the adapter's modules.
+    """
+    parts: dict[Site, list[Site]] = {}
+    for site in bridge.sites:
+        parts.setdefault(site.whole(), []).append(site)
+    missing = [site.name for site in adapter.kernels if site not in parts]
+    if missing:
+        raise ValueError(
+            f"the bridge has no heads for sites {missing}; fit a bridge on the adapter's modules "
+            "(loracast transfer fits one)"
+        )
+    kernels = {}
+    for site, kernel in adapter.kernels.items():
+        for part in parts[site]:
+            rows = bridge.sites[part].site_rows
+            kernels[part] = kernel if rows is None else kernel.rows(rows)
     info = {
         "path": str(adapter.path),
         "base_model_name_or_path": adapter.base_model,
@@ -281,5 +343,6 @@ def build_cartridge(bridge: Bridge, adapter: Adapter) -> Cartridge:
         "lora_alpha": adapter.config.get("lora_alpha"),
         "use_rslora": bool(adapter.config.get("use_rslora")),
         "target_modules": adapter.modules,
+        "not_carried": adapter.not_carried,
     }
-    return Cartridge(bridge, adapter.kernels, info)
+    return Cartridge(bridge, kernels, info)

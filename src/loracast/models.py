@@ -100,6 +100,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Config fields, named differently per family, that fix widths or the layout of fused projections.
+# They enter the fingerprint only when a config has them, so the fingerprints of families that
+# lack them stay what earlier versions recorded.
+_FAMILY_SHAPE_KEYS = (
+    "n_inner",
+    "ffn_dim",
+    "ffn_hidden_size",
+    "word_embed_proj_dim",
+    "num_kv_heads",
+    "multi_query",
+    "new_decoder_architecture",
+)
+
+
 def config_fingerprint(model: PreTrainedModel) -> str:
     """Hash the parts of a model's config that fix its activation spaces."""
     config = model.config.to_dict()
@@ -114,6 +128,11 @@ def config_fingerprint(model: PreTrainedModel) -> str:
         "vocab_size",
     ]
     subset = {key: config.get(key) for key in keys}
+    # GPT-2 stores hidden_size as n_embd and names it only through attribute_map.
+    for key, alias in getattr(model.config, "attribute_map", {}).items():
+        if key in subset and subset[key] is None:
+            subset[key] = config.get(alias)
+    subset.update({key: config[key] for key in _FAMILY_SHAPE_KEYS if config.get(key) is not None})
     return hashlib.sha256(json.dumps(subset, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,8 @@ Both the data-free baselines and ``loracast bake`` return an ordinary PEFT LoRA.
 ``LoraConfig`` writes ``adapter_config.json``, and ``adapter_model.safetensors`` uses PEFT's key
 names (``base_model.model.<module>.lora_A.weight``, ``...lora_B.weight`` and, with a bias,
 ``...lora_B.bias``). The folder therefore loads with ``PeftModel.from_pretrained`` and needs no
-loracast code.
+loracast code. Updates computed per role of a fused projection are merged into one LoRA on the
+projection (``merge_parts``), because PEFT adapts whole modules.
 """
 
 from __future__ import annotations
@@ -39,6 +40,51 @@ def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return A, B
 
 
+def merge_parts(
+    factors: dict[Site, tuple[torch.Tensor, torch.Tensor]],
+    rows: dict[Site, torch.Tensor | None],
+    widths: dict[str, int],
+    biases: dict[Site, torch.Tensor] | None = None,
+) -> tuple[dict[Site, tuple[torch.Tensor, torch.Tensor]], dict[Site, torch.Tensor] | None]:
+    """Merge the factors of a fused projection's parts into one ``(A, B)`` per whole module.
+
+    Part ``p`` with output rows ``I_p`` and factors ``(A_p, B_p)`` contributes its own rank:
+    ``A`` stacks every ``A_p``, and ``B`` contains ``B_p`` in rows ``I_p`` of ``p``'s columns and
+    zeros elsewhere. So ``B · A`` is exactly each part's update placed in its rows.
+
+    Args:
+        factors: ``{site: (A (r, d_in), B (d_out_part, r))}``; whole modules pass through.
+        rows: ``{site: output rows of the part, or None for a whole module}``.
+        widths: ``{module name: out_features}`` of every fused projection in ``factors``.
+        biases: ``{site: (d_out_part,)}``, merged the same way, or None.
+
+    Returns:
+        ``(factors, biases)`` keyed by whole-module sites.
+    """
+    merged_factors: dict[Site, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    merged_biases: dict[Site, torch.Tensor] = {}
+    for site, (A, B) in factors.items():
+        part_rows = rows.get(site)
+        whole = site.whole()
+        if part_rows is None:
+            merged_factors.setdefault(whole, []).append((A, B))
+            if biases is not None:
+                merged_biases[whole] = biases[site]
+            continue
+        width = widths[whole.module_name]
+        placed = B.new_zeros(width, B.shape[1])  # (out_features, r_part)
+        placed[part_rows] = B
+        merged_factors.setdefault(whole, []).append((A, placed))
+        if biases is not None:
+            bias = merged_biases.setdefault(whole, biases[site].new_zeros(width))
+            bias[part_rows] += biases[site]
+    result = {
+        whole: (torch.cat([A for A, _ in pairs]), torch.cat([B for _, B in pairs], dim=1))
+        for whole, pairs in merged_factors.items()
+    }
+    return result, (merged_biases if biases is not None else None)
+
+
 def write_peft_lora(
     out_dir: Path,
     target_name: str,
@@ -50,6 +96,7 @@ def write_peft_lora(
     overwrite: bool,
     biases: dict[Site, torch.Tensor] | None = None,
     extra_files: dict[str, str] | None = None,
+    fan_in_fan_out: bool = False,
 ) -> Path:
     """Write ``factors`` (per anchor ``(A, B)``) as a PEFT LoRA folder for the target.
 
@@ -68,20 +115,26 @@ def write_peft_lora(
         biases: ``{anchor: (d_out,)}`` added after the LoRA update, stored as PEFT's
             ``lora_B.bias`` (``lora_bias=True``). Every anchor in ``factors`` needs one.
         extra_files: ``{file name: text}`` written beside the weights, such as a model card.
+        fan_in_fan_out: set PEFT's ``fan_in_fan_out``, which GPT-2's Conv1D layers need
+            (their weight is stored as ``(in, out)``); ``A`` and ``B`` keep their usual shapes.
 
     Returns:
         ``out_dir``.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ValueError: an anchor is a part of a fused projection; merge it with ``merge_parts``.
     """
     from peft import LoraConfig
 
+    parts = [anchor.name for anchor in factors if anchor.part is not None]
+    if parts:
+        raise ValueError(f"anchors {parts} are parts of fused projections; merge_parts first")
     rank = max(A.shape[0] for A, _ in factors.values())
     tensors: dict[str, torch.Tensor] = {}
     for anchor, (A, B) in sorted(factors.items(), key=lambda item: item[0].name):
         A, B = pad_rank(A, B, rank)
-        prefix = f"base_model.model.{anchor.name}"
+        prefix = f"base_model.model.{anchor.module_name}"
         tensors[f"{prefix}.lora_A.weight"] = A.float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.float().contiguous()
         if biases is not None:
@@ -91,8 +144,9 @@ def write_peft_lora(
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=scale * rank,
-        target_modules=sorted(anchor.name for anchor in factors),
+        target_modules=sorted(anchor.module_name for anchor in factors),
         lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         lora_bias=biases is not None,
         task_type="CAUSAL_LM",

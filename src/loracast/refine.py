@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from loracast.adapters import Kernel
 from loracast.align import aligned_positions, encode, truncate_text
-from loracast.architectures import Site
+from loracast.architectures import Site, output_rows
 from loracast.capture import decoder_of
 from loracast.cartridge import Cartridge
 from loracast.models import LoadedModel
@@ -165,23 +165,29 @@ class RefineReport:
 
 @contextmanager
 def kernel_hooks(model: torch.nn.Module, kernels: dict[Site, Kernel]) -> Iterator[None]:
-    """Add each kernel's LoRA update ``scale · B · A · x`` to its site while the context is open."""
+    """Add each kernel's LoRA update ``scale · B · A · x`` to its site while the context is open.
+
+    A site that is one role of a fused projection adds its update to that role's rows only.
+    """
     handles = []
 
-    def make_hook(kernel: Kernel):
+    def make_hook(kernel: Kernel, rows: torch.Tensor | None):
         A, B = kernel.A.float(), kernel.B.float()
 
         def hook(module, args, output):
             x = args[0]
             delta = (x.float() @ A.to(x.device).T) @ B.to(x.device).T * kernel.scale
-            return output + delta.to(output.dtype)
+            if rows is None:
+                return output + delta.to(output.dtype)
+            return output.index_add(-1, rows.to(x.device), delta.to(output.dtype))
 
         return hook
 
     try:
         for site, kernel in kernels.items():
-            module = model.get_submodule(site.name)
-            handles.append(module.register_forward_hook(make_hook(kernel)))
+            module = model.get_submodule(site.module_name)
+            hook = make_hook(kernel, output_rows(model, site))
+            handles.append(module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

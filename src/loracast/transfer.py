@@ -89,7 +89,7 @@ def transfer(
 
     adapter = load_adapter(adapter_path, allow_pickle=allow_pickle)
     validate_adapter(adapter, source.model)
-    sites = sorted(adapter.kernels, key=lambda site: (site.layer, site.module))
+    sites = sorted(adapter.kernels, key=lambda site: site.sort_key)
 
     if bridge is None:
         if not corpus:

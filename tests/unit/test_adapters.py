@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 
 from loracast.adapters import load_adapter, validate_adapter
 from loracast.architectures import Site
-from tests.conftest import build_tiny_llama
+from tests.conftest import build_tiny_family, build_tiny_llama
 
 
 def save_random_adapter(model, folder, **lora_options):
@@ -109,3 +117,110 @@ def test_non_lora_and_dora_are_rejected(tmp_path, byte_tokenizer):
     config_path.write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="'IA3'"):
         load_adapter(folder)
+
+
+def _peft_delta(peft_model, site: Site, x: torch.Tensor) -> torch.Tensor:
+    module = peft_model.base_model.model.get_submodule(site.module_name)
+    with torch.no_grad():
+        return module(x) - module.base_layer(x)
+
+
+def test_conv1d_kernel_delta_matches_peft(tmp_path):
+    peft_model = save_random_adapter(
+        build_tiny_family("gpt2", 600), tmp_path / "adapter", target_modules=["c_attn", "c_fc"]
+    )
+    adapter = load_adapter(tmp_path / "adapter")
+    site = Site(1, "attn.c_attn", "transformer.h")
+    x = torch.randn(3, 32)
+    assert torch.allclose(
+        adapter.kernels[site].delta(x), _peft_delta(peft_model, site, x), atol=1e-5
+    )
+    assert adapter.kernels[site].B.shape == (96, 4)
+    validate_adapter(adapter, peft_model.unload())
+
+
+def test_rslora_with_patterns_matches_peft(tmp_path, byte_tokenizer):
+    peft_model = save_random_adapter(
+        build_tiny_llama(len(byte_tokenizer)),
+        tmp_path / "adapter",
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.v_proj": 3, "v_proj": 5},
+    )
+    adapter = load_adapter(tmp_path / "adapter")
+    x = torch.randn(3, 32)
+    for site, kernel in adapter.kernels.items():
+        assert torch.allclose(kernel.delta(x), _peft_delta(peft_model, site, x), atol=1e-5), site
+    assert adapter.kernels[Site(0, "self_attn.q_proj")].scale == pytest.approx(8 / math.sqrt(2))
+    assert adapter.kernels[Site(1, "self_attn.v_proj")].scale == pytest.approx(3 / 2)
+    assert adapter.kernels[Site(2, "self_attn.v_proj")].scale == pytest.approx(5 / 2)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoHaConfig(target_modules=["q_proj"]),
+        LoKrConfig(target_modules=["q_proj"]),
+        IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    ],
+    ids=lambda config: config.peft_type.value,
+)
+def test_other_peft_types_are_rejected(tmp_path, byte_tokenizer, config):
+    model = get_peft_model(build_tiny_llama(len(byte_tokenizer)), config)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    message = f"peft_type is '{config.peft_type.value}', which is not supported; loracast carries"
+    with pytest.raises(ValueError, match=message):
+        load_adapter(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"use_dora": True}, "use_dora is True, which makes the adapter DoRA"),
+        ({"lora_bias": True}, "lora_bias is True, which makes the adapter a bias on lora_B"),
+    ],
+)
+def test_lora_variants_are_rejected(tmp_path, byte_tokenizer, options, message):
+    save_random_adapter(build_tiny_llama(len(byte_tokenizer)), tmp_path / "adapter", **options)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"peft_type": None}, "peft_type is None"),
+    ],
+)
+def test_edited_configs_are_rejected(tmp_path, byte_tokenizer, edit, message):
+    folder = tmp_path / "adapter"
+    save_random_adapter(build_tiny_llama(len(byte_tokenizer)), folder)
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(folder)
+
+
+def test_lora_outside_decoder_layers_is_named(tmp_path, byte_tokenizer):
+    model = build_tiny_llama(len(byte_tokenizer))
+    save_random_adapter(model, tmp_path / "head", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="'lm_head' is not inside a decoder layer"):
+        load_adapter(tmp_path / "head")
+    model = build_tiny_llama(len(byte_tokenizer))
+    save_random_adapter(model, tmp_path / "embedding", target_modules=["embed_tokens"])
+    with pytest.raises(ValueError, match="LoRA on the embedding 'model.embed_tokens'"):
+        load_adapter(tmp_path / "embedding")
+
+
+def test_trained_biases_are_reported(tmp_path, caplog):
+    model = build_tiny_family("qwen2", 600)
+    save_random_adapter(model, tmp_path / "adapter", target_modules=["q_proj"], bias="lora_only")
+    with caplog.at_level(logging.WARNING, logger="loracast.adapters"):
+        adapter = load_adapter(tmp_path / "adapter")
+    expected = [f"model.layers.{layer}.self_attn.q_proj.bias" for layer in range(2)]
+    assert adapter.not_carried == expected
+    assert f"are not carried, only the LoRA weights are: {', '.join(expected)}" in caplog.text
+    assert len(adapter.kernels) == 2

@@ -22,7 +22,7 @@ from loracast.baselines import (
     weight_space_transfer,
 )
 from loracast.models import LoadedModel
-from tests.conftest import build_tiny_gemma3, build_tiny_llama
+from tests.conftest import build_tiny_family, build_tiny_gemma3, build_tiny_llama
 
 
 def save_source_adapter(model, folder, **lora_options) -> None:
@@ -329,3 +329,62 @@ def test_weight_space_transfer_between_gemma3_models(tmp_path, metaspace_tokeniz
     assert sorted(site.name for site in copied.kernels) == [
         f"model.layers.{layer}.self_attn.o_proj" for layer in range(3)
     ]
+
+
+def _family(name: str, tokenizer, seed: int) -> LoadedModel:
+    model = build_tiny_family(name, 600, seed=seed).requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{name}")
+
+
+def test_copy_transfer_into_fused_projections(tmp_path, byte_tokenizer):
+    # The tiny Llama and Phi-3 have equal widths per role; Phi-3 fuses q, k, v and gate, up.
+    source = _family("llama", byte_tokenizer, seed=0)
+    target = _family("phi3", byte_tokenizer, seed=1)
+    save_source_adapter(source.model, tmp_path / "adapter", target_modules="all-linear")
+    out = copy_transfer(source, target, tmp_path / "adapter", tmp_path / "copy")
+
+    adapter = load_adapter(tmp_path / "adapter")
+
+    def delta(module: str) -> torch.Tensor:
+        kernel = adapter.kernels[Site(1, module)]
+        return kernel.scale * kernel.B @ kernel.A
+
+    peft_model = PeftModel.from_pretrained(target.model, str(out))
+    expected = {
+        "self_attn.qkv_proj": torch.cat([delta(f"self_attn.{r}_proj") for r in ("q", "k", "v")]),
+        "mlp.gate_up_proj": torch.cat([delta("mlp.gate_proj"), delta("mlp.up_proj")]),
+        "self_attn.o_proj": delta("self_attn.o_proj"),
+        "mlp.down_proj": delta("mlp.down_proj"),
+    }
+    for module, update in expected.items():
+        found = peft_module_delta(peft_model, f"model.layers.1.{module}", update.shape[1])
+        assert torch.allclose(found, update, atol=1e-6), module
+
+
+def test_weight_space_transfer_from_conv1d(tmp_path, byte_tokenizer):
+    source = _family("gpt2", byte_tokenizer, seed=0)
+    target = _family("phi3", byte_tokenizer, seed=1)
+    save_source_adapter(source.model, tmp_path / "adapter", target_modules=["c_attn"])
+    out = weight_space_transfer(source, target, tmp_path / "adapter", tmp_path / "projected")
+
+    kernel = load_adapter(tmp_path / "adapter").kernels[Site(0, "attn.c_attn", "transformer.h")]
+    # GPT-2's Conv1D stores (in, out); the projection reads the weight as (out, in).
+    weight_source = source.model.get_submodule("transformer.h.0.attn.c_attn").weight.T
+    weight_target = target.model.get_submodule("model.layers.0.self_attn.qkv_proj").weight
+    source_rows = {"q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}
+    target_rows = {"q": slice(0, 32), "k": slice(32, 48), "v": slice(48, 64)}
+    expected = torch.zeros(weight_target.shape, dtype=torch.float64)
+    for role in ("q", "k", "v"):
+        rows_s, rows_t = source_rows[role], target_rows[role]
+        update = kernel.scale * kernel.B[rows_s].double() @ kernel.A.double()
+        k = min(*weight_source[rows_s].shape, *weight_target[rows_t].shape)
+        projected = project_delta(update, weight_source[rows_s], weight_target[rows_t], k)
+        A, B, _ = refactor_low_rank(projected, kernel.rank)
+        expected[rows_t] = B @ A
+
+    peft_model = PeftModel.from_pretrained(target.model, str(out))
+    found = peft_module_delta(peft_model, "model.layers.0.self_attn.qkv_proj", 32)
+    assert torch.allclose(found.double(), expected, atol=1e-5)
+    record = json.loads((out / BASELINE_FILE).read_text())
+    anchors = sorted(entry["anchor"] for entry in record["anchors"][:3])
+    assert anchors == [f"model.layers.0.self_attn.qkv_proj:{role}" for role in "kqv"]

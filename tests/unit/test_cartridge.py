@@ -161,3 +161,44 @@ def test_bridge_round_trip_and_reuse(tiny_source, tiny_target, tiny_corpus, tmp_
         expected = _logits(tiny_target)
     with rebound.attached(tiny_target):
         assert torch.equal(_logits(tiny_target), expected)
+
+
+def test_two_cartridges_compose(tiny_source, tiny_target, tiny_corpus, tmp_path):
+    first = _make_cartridge(tiny_source, tiny_target, tiny_corpus, tmp_path / "first")
+    second = _make_cartridge(
+        tiny_source, tiny_target, tiny_corpus, tmp_path / "second", modules=("q_proj", "o_proj")
+    )
+    base = _logits(tiny_target)
+    with second.attached(tiny_target):
+        second_only = _logits(tiny_target)
+    with first.attached(tiny_target):
+        first_only = _logits(tiny_target)
+
+    first.attach(tiny_target)
+    second.attach(tiny_target)
+    both = _logits(tiny_target)
+    assert not torch.allclose(both, first_only)
+    assert not torch.allclose(both, second_only)
+    # Both add their delta at a shared anchor, each computed from the anchor's own input.
+    anchor = "model.layers.0.self_attn.q_proj"
+    module = tiny_target.model.get_submodule(anchor)
+    x = torch.randn(2, 5, module.in_features)
+    with torch.no_grad():
+        expected = module(x)
+    first.enabled, second.enabled = False, False
+    with torch.no_grad():
+        plain = module(x)
+    first.enabled, second.enabled = True, True
+    summed = plain + first.anchor_delta(anchor, x) + second.anchor_delta(anchor, x)
+    assert torch.allclose(expected, summed, atol=1e-5)
+
+    first.scale = 0.0
+    assert torch.equal(_logits(tiny_target), second_only)
+    first.scale = 1.0
+    second.enabled = False
+    assert torch.equal(_logits(tiny_target), first_only)
+    second.enabled = True
+    first.detach()
+    assert torch.equal(_logits(tiny_target), second_only)
+    second.detach()
+    assert torch.equal(_logits(tiny_target), base)
