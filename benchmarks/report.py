@@ -224,7 +224,26 @@ def write_report(document: dict, out: Path) -> None:
             _plot_r2(records, f"{direction}: held-out R² per site ({name})", plot)
             lines += [f"![R² {name}](benchmarks/{plot.name})", ""]
         lines += [f"### Costs, {direction}", "", *_cost_lines(costs), ""]
+    lines += _scale_section(out)
     _atomic_write(out / "benchmarks.md", "\n".join(lines) + "\n")
+
+
+def _scale_section(out: Path) -> list[str]:
+    """Return the scale figures of ``scale.md`` (``benchmarks/scale.py``) as one more section."""
+    page = out / "scale.md"
+    if not page.exists():
+        return []
+    # Its own title becomes a section title; its subsections move one level down.
+    body = page.read_text().splitlines()[1:]
+    body = ["#" + line if line.startswith("#") else line for line in body]
+    return [
+        "## Running at scale",
+        "",
+        "Written by `python benchmarks/scale.py`, which runs apart from this benchmark; its",
+        "machine, date and commit are its own.",
+        *body,
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
