@@ -45,7 +45,9 @@ class BridgeConfig:
         layer_map: how source layers map to target layers (``relative-depth``).
         max_tokens: source tokens read per corpus passage.
         batch_size: passages per forward pass while recording.
-        max_positions: aligned positions recorded at most.
+        max_positions: aligned positions recorded at most (None: no limit).
+        corpus_tokens: source text tokens read from the corpus at most (None: no limit). The
+            passage that reaches the limit is read whole.
         validation_fraction: share of passages held out to choose penalties and report R².
         head: settings for every encoder and decoder.
         seed: seed of the train/validation split.
@@ -54,7 +56,8 @@ class BridgeConfig:
     layer_map: str = "relative-depth"
     max_tokens: int = 128
     batch_size: int = 8
-    max_positions: int = 16000
+    max_positions: int | None = 16000
+    corpus_tokens: int | None = None
     validation_fraction: float = 0.1
     head: HeadFitConfig = field(default_factory=HeadFitConfig)
     seed: int = 0
@@ -66,9 +69,12 @@ class BridgeConfig:
             raise ValueError(
                 f"validation_fraction must be in (0, 0.5), got {self.validation_fraction}"
             )
-        for name in ("max_tokens", "batch_size", "max_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_tokens", "batch_size", "max_positions", "corpus_tokens"):
+            value = getattr(self, name)
+            optional = name in ("max_positions", "corpus_tokens")
+            if (value is not None or not optional) and (value is None or value < 1):
+                limit = "an integer >= 1 or None" if optional else "an integer >= 1"
+                raise ValueError(f"{name} must be {limit}, got {value}")
         if isinstance(self.head, dict):
             self.head = HeadFitConfig(**self.head)
 
@@ -213,19 +219,27 @@ def _load_head(shape: dict, tensors: dict[str, torch.Tensor], prefix: str) -> He
     return head
 
 
-def _split_by_text(recording: Recording, fraction: float, seed: int):
-    text_ids = recording.text_ids
+def validation_texts(text_ids: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Draw the passages held out for validation from the distinct values of ``text_ids``.
+
+    Raises:
+        ValueError: fewer than 2 distinct passages, so none can be held out.
+    """
     unique = torch.unique(text_ids)
-    generator = torch.Generator().manual_seed(seed)
-    shuffled = unique[torch.randperm(len(unique), generator=generator)]
-    n_val = max(1, int(round(len(unique) * fraction)))
-    val_texts = shuffled[:n_val]
-    is_val = torch.isin(text_ids, val_texts)
-    if is_val.all() or not is_val.any():
+    if len(unique) < 2:
         raise ValueError(
             f"the corpus yielded {len(unique)} usable passages; at least 2 are needed to hold "
             "some out for validation"
         )
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = unique[torch.randperm(len(unique), generator=generator)]
+    n_val = max(1, int(round(len(unique) * fraction)))
+    return shuffled[:n_val]
+
+
+def _split_by_text(recording: Recording, fraction: float, seed: int):
+    text_ids = recording.text_ids
+    is_val = torch.isin(text_ids, validation_texts(text_ids, fraction, seed))
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
@@ -264,6 +278,7 @@ def record_corpus(
         max_tokens=config.max_tokens,
         batch_size=config.batch_size,
         max_positions=config.max_positions,
+        max_source_tokens=config.corpus_tokens,
         show_progress=show_progress,
     )
     recording.stats["record_seconds"] = round(time.perf_counter() - started, 2)
