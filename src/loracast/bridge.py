@@ -249,6 +249,16 @@ def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Sit
     return layer_map, anchors
 
 
+def recorded_modules(source, target, sites: Sequence[Site]) -> tuple[list[str], list[str]]:
+    """Return the sorted module names to record: the sites in the source, anchors in the target.
+
+    Raises:
+        ValueError: a site's module has no matching role in the target.
+    """
+    _, anchors = _anchors(source, target, sites)
+    return sorted({site.name for site in sites}), sorted({a.name for a in anchors.values()})
+
+
 def record_corpus(
     source,
     target,
@@ -267,14 +277,14 @@ def record_corpus(
             aligned position.
     """
     config = config or BridgeConfig()
-    _, anchors = _anchors(source, target, sites)
+    site_names, anchor_names = recorded_modules(source, target, sites)
     started = time.perf_counter()
     recording = record_pair(
         source,
         target,
         corpus,
-        sorted({site.name for site in sites}),
-        sorted({anchor.name for anchor in anchors.values()}),
+        site_names,
+        anchor_names,
         max_tokens=config.max_tokens,
         batch_size=config.batch_size,
         max_positions=config.max_positions,
@@ -389,19 +399,32 @@ def _fit_site(source, recording, site, anchor, train, val, head_config, encoders
     x_t, x_s = anchor_data["input"], site_data["input"]
     y_s, y_t = site_data["output"], anchor_data["output"]
 
-    # Sites that read the same input (q, k and v of one layer) share one encoder.
-    group = INPUT_GROUPS[role_of(source.model, site.module)]
-    key = (site.layer, anchor.layer, group)
+    key = encoder_key(source, site, anchor)
     if key not in encoders:
         encoders[key] = fit_head(
             x_t[train], x_s[train], x_t[val], x_s[val], head_config, name=f"{site.name} encoder"
         )
-    encoder, encoder_metrics = encoders[key]
-
-    decoder, decoder_metrics = fit_head(
+    decoder = fit_head(
         y_s[train], y_t[train], y_s[val], y_t[val], head_config, name=f"{site.name} decoder"
     )
+    return make_site_heads(source, site, anchor, encoders[key], decoder)
 
+
+def encoder_key(source, site: Site, anchor: Site) -> tuple[int, int, str]:
+    """Return the key of a site's encoder: sites that read the same input share one encoder.
+
+    The q, k and v projections of one layer, for example, read the same input.
+    """
+    group = INPUT_GROUPS[role_of(source.model, site.module)]
+    return (site.layer, anchor.layer, group)
+
+
+def make_site_heads(
+    source, site: Site, anchor: Site, encoder_fit: tuple[Head, dict], decoder_fit: tuple[Head, dict]
+) -> SiteHeads:
+    """Bundle a site's fitted heads, their metrics and the site's base weight."""
+    encoder, encoder_metrics = encoder_fit
+    decoder, decoder_metrics = decoder_fit
     module = source.model.get_submodule(site.name)
     bias = module.bias.detach().float().cpu().clone() if module.bias is not None else None
     metrics = {f"encoder_{key}": value for key, value in encoder_metrics.items()}

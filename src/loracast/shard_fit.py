@@ -1,0 +1,335 @@
+"""Fit a bridge from a recording on disk, in bounded memory, resumably, on one or more processes.
+
+The ridge start of every head needs only second moments of its data, which are summed shard by
+shard. Each process sums its share of the shards, and an all-reduce adds the shares. The
+residual MLP trains on rows read through memory maps. Each process computes the loss on its
+part of every batch, and ``DistributedDataParallel`` averages the gradients, so any number of
+processes takes the same optimiser steps as one.
+
+Every fitted head is saved at once as a checkpoint in ``<record folder>/fit-<key>/``, where the
+key hashes the fitting settings. A killed fit continues with the first unsaved head when rerun,
+and because each head seeds its own training, the result equals an uninterrupted fit's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from loracast.bridge import (
+    Bridge,
+    BridgeConfig,
+    _anchors,
+    encoder_key,
+    make_site_heads,
+    model_identity,
+    validation_texts,
+)
+from loracast.distributed import ProcessContext
+from loracast.fit import train_residual_mlp
+from loracast.heads import Head
+from loracast.moments import Moments, ridge_head
+from loracast.shards import ShardReader, tensor_key, write_json_atomic, write_safetensors_atomic
+
+logger = logging.getLogger(__name__)
+
+FIT_RECORD = "fit.json"
+
+
+@dataclass
+class RowSplit:
+    """Training and validation rows of every shard, as local row indices.
+
+    NOTE: the indices take 8 bytes per recorded position in every process; everything else
+    the fit holds is bounded by one shard or by the head sizes.
+    """
+
+    train: dict[int, torch.Tensor]
+    val: dict[int, torch.Tensor]
+
+    @property
+    def n_train(self) -> int:
+        return sum(len(rows) for rows in self.train.values())
+
+    @property
+    def n_val(self) -> int:
+        return sum(len(rows) for rows in self.val.values())
+
+
+def split_rows(reader: ShardReader, fraction: float, seed: int) -> RowSplit:
+    """Hold out whole passages for validation, drawn as ``fit_bridge_from_recording`` draws them."""
+    text_ids = {index: reader.text_ids(index) for index in reader.indices}
+    distinct = torch.unique(torch.cat([torch.unique(ids) for ids in text_ids.values()]))
+    held_out = validation_texts(distinct, fraction, seed)
+    train, val = {}, {}
+    for index, ids in text_ids.items():
+        is_val = torch.isin(ids, held_out)
+        train[index] = (~is_val).nonzero().squeeze(1)
+        val[index] = is_val.nonzero().squeeze(1)
+    return RowSplit(train=train, val=val)
+
+
+def _head_moments(reader, split, keys, context) -> tuple[Moments, Moments]:
+    """Sum a head's training and validation moments over all shards and processes."""
+    x_key, y_key = keys
+    device = context.device
+    # Every process shifts by the mean of the first shard, so their sums can be added.
+    first = reader.load(reader.indices[0], [x_key, y_key])
+    shift_x, shift_y = first[x_key].mean(0).to(device), first[y_key].mean(0).to(device)
+    train, val = Moments.zeros(shift_x, shift_y), Moments.zeros(shift_x, shift_y)
+    for index in reader.indices[context.rank :: context.world_size]:
+        data = reader.load(index, [x_key, y_key])
+        x, y = data[x_key].to(device), data[y_key].to(device)  # (rows, d)
+        train.add(x[split.train[index].to(device)], y[split.train[index].to(device)])
+        val.add(x[split.val[index].to(device)], y[split.val[index].to(device)])
+    train.all_reduce(context)
+    val.all_reduce(context)
+
+    for name, key in (("input", x_key), ("output", y_key)):
+        sums = (train.sum_x, train.xx) if name == "input" else (train.sum_y, train.yy)
+        if not all(torch.isfinite(value).all() for value in sums):
+            raise ValueError(
+                f"the rows recorded as {key} in {reader.folder} contain NaN or inf; the model "
+                "overflows on this corpus, or float16 storage overflowed: load the models in "
+                "float32 (--dtype float32), store in bfloat16 or float32 (--storage-dtype), or "
+                "clean the corpus"
+            )
+    return train, val
+
+
+class _TrainRows:
+    """A head's training rows across shards, addressed by one index from 0 to ``count``."""
+
+    def __init__(self, reader: ShardReader, split: RowSplit, keys: tuple[str, str]) -> None:
+        self.reader, self.split, self.keys = reader, split, keys
+        self.indices = [index for index in reader.indices if len(split.train[index])]
+        counts = torch.tensor([len(split.train[index]) for index in self.indices])
+        self.ends = counts.cumsum(0)
+        self.starts = self.ends - counts
+        self.count = int(self.ends[-1]) if len(self.ends) else 0
+
+    def take(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, y)`` at the given row indices, in their order, as float32."""
+        position = torch.searchsorted(self.ends, rows, right=True)
+        parts: list[list[torch.Tensor]] = [[], []]
+        order = []
+        for p in torch.unique(position).tolist():
+            chosen = (position == p).nonzero().squeeze(1)
+            index = self.indices[p]
+            local = self.split.train[index][rows[chosen] - self.starts[p]]
+            for part, key in zip(parts, self.keys, strict=True):
+                part.append(self.reader.take(index, key, local))
+            order.append(chosen)
+        restore = torch.argsort(torch.cat(order))
+        x, y = (torch.cat(part)[restore].to(device) for part in parts)
+        return x, y
+
+
+def _train_mlp(head, reader, split, keys, val, config, context, name) -> float:
+    """Train the head's residual MLP on rows read from the shards, data-parallel."""
+    rows = _TrainRows(reader, split, keys)
+    rank, world, device = context.rank, context.world_size, context.device
+    total = (val.yy - val.sum_y**2 / val.n).sum()  # Σ (y − mean_val)², as r2_score pools it
+
+    def batch_loss(mlp, index: torch.Tensor) -> torch.Tensor:
+        # This process's part of the batch; DDP averages the parts' gradients over processes,
+        # so the scale makes the average the gradient of the whole batch's mean squared error.
+        x, y = rows.take(index[rank::world], device)
+        with torch.no_grad():
+            z = (x - head.in_mean) / head.in_std
+            residual = (y - head.out_mean) / head.out_std - head.linear(z)
+        error = (mlp(z) - residual).pow(2).sum()
+        return error * world / (len(index) * head.d_out)
+
+    def held_out_r2() -> float:
+        squared_error = torch.zeros(1, dtype=torch.float64, device=device)
+        for index in reader.indices[rank::world]:
+            local = split.val[index]
+            if len(local):
+                x, y = (reader.take(index, key, local).to(device) for key in keys)
+                squared_error += (y - head(x)).pow(2).sum(dtype=torch.float64)
+        context.all_reduce_sum(squared_error)
+        return float(1.0 - squared_error / total.clamp_min(1e-12))
+
+    return train_residual_mlp(
+        head,
+        batch_loss,
+        held_out_r2,
+        rows.count,
+        config,
+        name,
+        wrap=context.data_parallel,
+        all_finite=lambda loss: context.all_true(bool(torch.isfinite(loss))),
+    )
+
+
+def _save_head(path: Path, head: Head, metrics: dict) -> None:
+    metadata = {"shape": json.dumps(head.shape_dict()), "metrics": json.dumps(metrics)}
+    write_safetensors_atomic(path, head.state_dict(), metadata)
+
+
+def _load_head(path: Path) -> tuple[Head, dict]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    head = Head(**json.loads(metadata["shape"]))
+    head.load_state_dict(state, strict=True)
+    head.requires_grad_(False)
+    return head, json.loads(metadata["metrics"])
+
+
+def _fitted_head(path, reader, split, keys, config, context, name) -> tuple[Head, dict]:
+    """Load a head from its checkpoint, or fit it and save the checkpoint."""
+    if path.is_file():
+        logger.debug("%s: loaded from checkpoint %s", name, path)
+        return _load_head(path)
+    train, val = _head_moments(reader, split, keys, context)
+    head, metrics = ridge_head(train, val, config.ridge_alphas, config.mlp_hidden)
+    if head.mlp is not None and config.mlp_steps > 0:
+        metrics["r2"] = _train_mlp(head, reader, split, keys, val, config, context, name)
+    head.requires_grad_(False)
+    head = head.cpu()
+    context.main_first(lambda: _save_head(path, head, metrics))
+    return head, metrics
+
+
+def _fit_folder(reader: ShardReader, config: BridgeConfig, context) -> Path:
+    """Return the checkpoint folder of these fitting settings, created by the main process."""
+    settings = {
+        "head": asdict(config.head),
+        "validation_fraction": config.validation_fraction,
+        "seed": config.seed,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = reader.folder / f"fit-{key}"
+    record = {"recording_id": reader.manifest.recording_id, "settings": settings}
+
+    def create_or_check() -> None:
+        path = folder / FIT_RECORD
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("recording_id") != record["recording_id"]:
+                raise ValueError(
+                    f"checkpoints in {folder} belong to an earlier recording "
+                    f"({saved.get('recording_id')}), not to the one in {reader.folder} "
+                    f"({record['recording_id']}); delete {folder} to fit again"
+                )
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, record)
+
+    context.main_first(create_or_check)
+    return folder
+
+
+def _check_recording(reader: ShardReader, source, target, sites, anchors) -> None:
+    identity = reader.manifest.identity
+    for side, loaded in (("source", source), ("target", target)):
+        recorded = identity[side]
+        for key in ("fingerprint", "tokenizer_fingerprint"):
+            if recorded[key] != getattr(loaded, key):
+                raise ValueError(
+                    f"the recording in {reader.folder} was made with another {side} model "
+                    f"({key} {recorded[key]}, this {side} has {getattr(loaded, key)}); load "
+                    "the recorded models or record again"
+                )
+    missing = [site.name for site in sites if site.name not in identity["sites"]]
+    missing += [a.name for a in anchors.values() if a.name not in identity["anchors"]]
+    if missing:
+        raise ValueError(
+            f"the recording in {reader.folder} has no activations for {sorted(set(missing))}; "
+            "record the corpus with these sites"
+        )
+
+
+def fit_bridge_from_shards(
+    source,
+    target,
+    folder: str | Path,
+    sites: Iterable,
+    config: BridgeConfig | None = None,
+    *,
+    context: ProcessContext | None = None,
+    show_progress: bool = True,
+) -> Bridge:
+    """Fit encoder and decoder heads per site from a recording on disk.
+
+    On one process and the same rows, the bridge equals ``fit_bridge_from_recording``'s up to
+    floating-point rounding. Under ``accelerate launch`` every process must call this with the
+    same arguments, and every process returns the same bridge.
+
+    Args:
+        source, target: ``LoadedModel`` objects (the recorded models).
+        folder: a record folder written by ``loracast.streaming.record_shards``.
+        sites: the source sites to fit heads for; all must be recorded.
+        config: fitting settings (``head``, ``validation_fraction``, ``seed``).
+        context: this process's place among data-parallel processes (default: alone).
+        show_progress: show a progress bar (main process only).
+
+    Returns:
+        The bridge, with ``stats`` from the recording plus ``train_positions``,
+        ``validation_positions`` and ``fit_seconds``.
+
+    Raises:
+        FileNotFoundError: the folder has no manifest.
+        ValueError: the recording is incomplete, was made with other models or without these
+            sites, contains NaN or inf, or contains fewer than 2 passages.
+    """
+    config = config or BridgeConfig()
+    context = context or ProcessContext()
+    sites = list(sites)
+    reader = ShardReader(folder)
+    layer_map, anchors = _anchors(source, target, sites)
+    _check_recording(reader, source, target, sites, anchors)
+    split = split_rows(reader, config.validation_fraction, config.seed)
+    checkpoints = _fit_folder(reader, config, context)
+
+    started = time.perf_counter()
+    encoders: dict = {}
+    fitted = {}
+    bar = tqdm(sites, desc="fitting heads", disable=not (show_progress and context.is_main))
+    for site in bar:
+        anchor = anchors[site]
+        key = encoder_key(source, site, anchor)
+        if key not in encoders:
+            keys = (
+                tensor_key("target", anchor.name, "input"),
+                tensor_key("source", site.name, "input"),
+            )
+            path = checkpoints / f"encoder-{key[0]}-{key[1]}-{key[2]}.safetensors"
+            encoders[key] = _fitted_head(
+                path, reader, split, keys, config.head, context, f"{site.name} encoder"
+            )
+        keys = (
+            tensor_key("source", site.name, "output"),
+            tensor_key("target", anchor.name, "output"),
+        )
+        path = checkpoints / f"decoder-{site.name}.safetensors"
+        decoder = _fitted_head(
+            path, reader, split, keys, config.head, context, f"{site.name} decoder"
+        )
+        fitted[site] = make_site_heads(source, site, anchor, encoders[key], decoder)
+
+    stats = {
+        **reader.manifest.stats,
+        "train_positions": split.n_train,
+        "validation_positions": split.n_val,
+        "fit_seconds": round(time.perf_counter() - started, 2),
+    }
+    return Bridge(
+        source=model_identity(source),
+        target=model_identity(target),
+        layer_map=layer_map,
+        sites=fitted,
+        config=asdict(config),
+        stats=stats,
+    )
