@@ -119,6 +119,7 @@ class _TrainRows:
 
     def take(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(x, y)`` at the given row indices, in their order, as float32."""
+        rows = rows.contiguous()
         position = torch.searchsorted(self.ends, rows, right=True)
         parts: list[list[torch.Tensor]] = [[], []]
         order = []
