@@ -243,12 +243,13 @@ def _check_recording(reader: ShardReader, source, target, sites, anchors) -> Non
                     f"({key} {recorded[key]}, this {side} has {getattr(loaded, key)}); load "
                     "the recorded models or record again"
                 )
-    missing = [site.name for site in sites if site.name not in identity["sites"]]
-    missing += [a.name for a in anchors.values() if a.name not in identity["anchors"]]
-    if missing:
+    missing_sites = sorted({s.name for s in sites} - set(identity["sites"]))
+    missing_anchors = sorted({a.name for a in anchors.values()} - set(identity["anchors"]))
+    if missing_sites or missing_anchors:
         raise ValueError(
-            f"the recording in {reader.folder} has no activations for {sorted(set(missing))}; "
-            "record the corpus with these sites"
+            f"the recording in {reader.folder} has no activations for source sites "
+            f"{missing_sites} or target anchors {missing_anchors}; record the corpus with "
+            "these sites"
         )
 
 

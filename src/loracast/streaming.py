@@ -278,7 +278,13 @@ def _open_manifest(folder: Path, identity: dict, context: ProcessContext) -> Man
         folder.mkdir(parents=True, exist_ok=True)
         manifest = Manifest.load(folder)
         if manifest is None:
-            if any(not path.name.endswith(".tmp") for path in folder.iterdir()):
+            # Only unfinished files and fit checkpoints may precede the manifest.
+            foreign = [
+                path.name
+                for path in folder.iterdir()
+                if not path.name.endswith(".tmp") and not path.name.startswith("fit-")
+            ]
+            if foreign:
                 raise ValueError(
                     f"record folder {folder} contains files but no manifest.json; pass an "
                     "empty or new --record-dir"
