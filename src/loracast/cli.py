@@ -135,7 +135,9 @@ def _transfer(args) -> int:
         max_tokens=args.max_tokens,
         max_positions=max_positions,
         corpus_tokens=budget,
-        head=HeadFitConfig(mlp_hidden=0 if args.head == "linear" else args.mlp_hidden),
+        head=HeadFitConfig(
+            mlp_hidden=0 if args.head == "linear" else args.mlp_hidden, mlp_steps=args.mlp_steps
+        ),
         seed=args.seed,
     )
     shard_config = ShardConfig(args.shard_megabytes, args.storage_dtype)
@@ -454,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="head type: ridge + residual MLP (default) or ridge only",
     )
     run.add_argument("--mlp-hidden", type=int, default=128, help="hidden width of the MLP heads")
+    run.add_argument(
+        "--mlp-steps", type=int, default=150, help="Adam steps per MLP head (default: 150)"
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the validation split and MLPs")
     _add_output_options(run, pickle=True)
     _add_model_options(run)
