@@ -232,16 +232,16 @@ def _fit_folder(reader: ShardReader, config: BridgeConfig, context) -> Path:
     return folder
 
 
-def _check_recording(reader: ShardReader, source, target, sites, anchors) -> None:
+def _check_recording(reader: ShardReader, identities: dict, sites, anchors) -> None:
     identity = reader.manifest.identity
-    for side, loaded in (("source", source), ("target", target)):
+    for side, loaded in identities.items():
         recorded = identity[side]
         for key in ("fingerprint", "tokenizer_fingerprint"):
-            if recorded[key] != getattr(loaded, key):
+            if recorded[key] != loaded[key]:
                 raise ValueError(
                     f"the recording in {reader.folder} was made with another {side} model "
-                    f"({key} {recorded[key]}, this {side} has {getattr(loaded, key)}); load "
-                    "the recorded models or record again"
+                    f"({key} {recorded[key]}, this {side} has {loaded[key]}); load the "
+                    "recorded models or record again"
                 )
     missing_sites = sorted({s.name for s in sites} - set(identity["sites"]))
     missing_anchors = sorted({a.name for a in anchors.values()} - set(identity["anchors"]))
@@ -291,7 +291,9 @@ def fit_bridge_from_shards(
     sites = list(sites)
     reader = ShardReader(folder)
     layer_map, anchors = _anchors(source, target, sites)
-    _check_recording(reader, source, target, sites, anchors)
+    # Computed once: hashing a large vocabulary takes about a second.
+    identities = {"source": model_identity(source), "target": model_identity(target)}
+    _check_recording(reader, identities, sites, anchors)
     split = split_rows(reader, config.validation_fraction, config.seed)
     checkpoints = _fit_folder(reader, config, context)
 
@@ -328,8 +330,8 @@ def fit_bridge_from_shards(
         "fit_seconds": round(time.perf_counter() - started, 2),
     }
     return Bridge(
-        source=model_identity(source),
-        target=model_identity(target),
+        source=identities["source"],
+        target=identities["target"],
         layer_map=layer_map,
         sites=fitted,
         config=asdict(config),

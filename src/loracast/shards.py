@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def write_safetensors_atomic(
     try:
         contiguous = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
         save_file(contiguous, str(temporary), metadata=metadata)
+        # safetensors creates the file with mode 0600; give it the mode the umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        temporary.chmod(0o666 & ~umask)
         _fsync(temporary)
         size = temporary.stat().st_size
         os.replace(temporary, path)
@@ -93,6 +98,51 @@ def remove_temporary_files(folder: Path) -> int:
     if removed:
         logger.info("removed %d unfinished files from %s", removed, folder)
     return removed
+
+
+class BackgroundWriter:
+    """Write shards on a background thread, so disk I/O overlaps the next shard's computation.
+
+    At most one write is pending, because ``submit`` first waits for the previous one. Memory
+    thus holds the shard being written and the one being recorded. Leaving the ``with`` block
+    waits for the pending write.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loracast-shards")
+        self._pending: Future | None = None
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._executor.shutdown(wait=True)
+
+    def submit(self, path: Path, tensors: dict[str, torch.Tensor], record: dict) -> list[dict]:
+        """Start writing ``tensors`` to ``path``; return the records of finished writes.
+
+        A finished write's record is ``record`` plus the file name and its size in bytes.
+        """
+        finished = self.wait()
+        self._pending = self._executor.submit(self._write, path, tensors, record)
+        return finished
+
+    def wait(self) -> list[dict]:
+        """Wait for the pending write; return its record (none when nothing is pending).
+
+        Raises:
+            OSError: the write failed.
+        """
+        if self._pending is None:
+            return []
+        record = self._pending.result()
+        self._pending = None
+        return [record]
+
+    @staticmethod
+    def _write(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> dict:
+        size = write_safetensors_atomic(path, tensors, {"shard": str(record["index"])})
+        return {**record, "file": path.name, "bytes": size}
 
 
 @dataclass

@@ -31,12 +31,12 @@ from loracast.corpus import CorpusStream
 from loracast.distributed import ProcessContext
 from loracast.shards import (
     STORAGE_DTYPES,
+    BackgroundWriter,
     Manifest,
     check_identity,
     remove_temporary_files,
     shard_file,
     tensor_key,
-    write_safetensors_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class ShardConfig:
 
     Attributes:
         shard_megabytes: size of the stored rows at which a shard is closed, in MiB (2**20
-            bytes). Each process holds about one shard in memory, twice while writing it. A
+            bytes). Each process holds up to three shards' worth in memory: one being written
+            in the background, and the next one's rows before and after concatenation. A
             shard holds at least one batch, so a batch larger than this makes a larger shard.
         storage_dtype: dtype of the stored activations: ``float32``, ``float16`` or
             ``bfloat16``. The 16-bit types halve the disk space and round each value.
@@ -243,12 +244,17 @@ def _to_cpu(store: dict, start: dict[str, int]) -> None:
                 parts[k] = parts[k].cpu()
 
 
-def _record_shard(source, target, shard, modules, folder, index, shard_config) -> dict:
-    """Run both models on a shard's batches and write the rows as one safetensors file."""
+def _record_shard(source, target, shard, modules, folder, index, config, writer) -> list[dict]:
+    """Run both models on a shard's batches and start writing the rows to a safetensors file.
+
+    Returns:
+        The records of the shards whose files are now complete, this one or an earlier one.
+    """
     site_names, anchor_names = modules
+    record = {**shard.summary(), "index": index}
     if not shard.plans:
-        return {**shard.summary(), "index": index, "file": None, "bytes": 0}
-    dtype = STORAGE_DTYPES[shard_config.storage_dtype]
+        return [{**record, "file": None, "bytes": 0}]
+    dtype = STORAGE_DTYPES[config.storage_dtype]
     stores: tuple[dict, dict] = ({}, {})
     for plan in shard.plans:
         starts = [{name: len(entry["input"]) for name, entry in s.items()} for s in stores]
@@ -266,9 +272,7 @@ def _record_shard(source, target, shard, modules, folder, index, shard_config) -
                 parts.clear()
     row_ids = [text_id for plan in shard.plans for text_id in plan.row_text_ids]
     tensors["text_ids"] = torch.tensor(row_ids, dtype=torch.long)
-    path = folder / shard_file(index)
-    size = write_safetensors_atomic(path, tensors, {"shard": str(index)})
-    return {**shard.summary(), "index": index, "file": path.name, "bytes": size}
+    return writer.submit(folder / shard_file(index), tensors, record)
 
 
 def _open_manifest(folder: Path, identity: dict, context: ProcessContext) -> Manifest:
@@ -403,23 +407,25 @@ def record_shards(
         disable=not (show_progress and context.is_main),
     )
     index, finished = 0, False
-    while not finished:
-        # One round: one shard per process, then the manifest lists what the round finished.
-        records = []
-        for _ in range(context.world_size):
-            before = progress.source_tokens
-            shard = _plan_shard(source, target, batches, config, progress, max_rows)
-            if shard is None:
-                finished = True
-                break
-            if index in manifest.shards:
-                _check_unchanged(manifest.shards[index], shard.summary(), index, folder)
-            elif index % context.world_size == context.rank:
-                records.append(
-                    _record_shard(source, target, shard, modules, folder, index, shard_config)
-                )
-            bar.update(progress.source_tokens - before)
-            index += 1
-        _publish(manifest, records, folder, context, clock)
+    with BackgroundWriter() as writer:
+        while not finished:
+            # One round: a shard per process, then the manifest lists the shards on disk.
+            records = []
+            for _ in range(context.world_size):
+                before = progress.source_tokens
+                shard = _plan_shard(source, target, batches, config, progress, max_rows)
+                if shard is None:
+                    finished = True
+                    break
+                if index in manifest.shards:
+                    _check_unchanged(manifest.shards[index], shard.summary(), index, folder)
+                elif index % context.world_size == context.rank:
+                    records += _record_shard(
+                        source, target, shard, modules, folder, index, shard_config, writer
+                    )
+                bar.update(progress.source_tokens - before)
+                index += 1
+            _publish(manifest, records, folder, context, clock)
+        _publish(manifest, writer.wait(), folder, context, clock)
     bar.close()
     return _finish(manifest, progress, folder, context, f"{index} shards of corpus")
