@@ -81,8 +81,8 @@ def _add_scale_options(parser: argparse.ArgumentParser) -> None:
         "--shard-megabytes",
         type=float,
         default=256.0,
-        help="size of one shard of recorded activations in MiB; each process holds about "
-        "one in memory (default: 256)",
+        help="size of one shard of recorded activations in MiB; each process keeps up to "
+        "three in memory (default: 256)",
     )
 
 

@@ -201,8 +201,8 @@ def iter_documents(
 def shuffle_buffered(items: Iterable[str], buffer_size: int, rng: random.Random) -> Iterator[str]:
     """Yield ``items`` in an order shuffled within a window of ``buffer_size`` items.
 
-    Memory holds at most ``buffer_size`` items. An item comes out at most ``buffer_size`` places
-    before its stream position, and may come out much later.
+    At most ``buffer_size`` items are in memory. An item comes out at most ``buffer_size``
+    places before its stream position, and may come out much later.
     """
     buffer: list[str] = []
     for item in items:

@@ -176,8 +176,8 @@ def train_residual_mlp(
         config: fitting settings (``seed``, ``mlp_steps``, ``mlp_lr``, ``mlp_batch_size``).
         name: what the head maps, for log messages.
         wrap: wraps the MLP before training, for example in ``DistributedDataParallel``.
-        all_finite: decides whether a loss is finite; in data-parallel training it must give
-            every process the same answer.
+        all_finite: decides whether a loss is finite. In data-parallel training it must return
+            the same result in every process.
 
     Returns:
         The best held-out R², whose MLP state the head keeps.

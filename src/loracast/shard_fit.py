@@ -49,8 +49,8 @@ FIT_RECORD = "fit.json"
 class RowSplit:
     """Training and validation rows of every shard, as local row indices.
 
-    NOTE: the indices take 8 bytes per recorded position in every process; everything else
-    the fit holds is bounded by one shard or by the head sizes.
+    NOTE: the indices take 8 bytes per recorded position in every process, so they grow with
+    the corpus. Everything else the fit keeps in memory is bounded by a shard or a head.
     """
 
     train: dict[int, torch.Tensor]

@@ -103,9 +103,9 @@ def remove_temporary_files(folder: Path) -> int:
 class BackgroundWriter:
     """Write shards on a background thread, so disk I/O overlaps the next shard's computation.
 
-    At most one write is pending, because ``submit`` first waits for the previous one. Memory
-    thus holds the shard being written and the one being recorded. Leaving the ``with`` block
-    waits for the pending write.
+    At most one write is pending, because ``submit`` first waits for the previous one, so memory
+    contains at most the shard being written and the one being recorded. Leaving the ``with``
+    block waits for the pending write.
     """
 
     def __init__(self) -> None:
@@ -147,7 +147,7 @@ class BackgroundWriter:
 
 @dataclass
 class Manifest:
-    """What produced a recording, which shards are finished, and totals once it is complete.
+    """A recording's manifest: what produced it, its finished shards, and totals once complete.
 
     Attributes:
         identity: everything that fixes the recorded rows: both models' fingerprints, the

@@ -4,8 +4,8 @@ The corpus is read in batches of ``BridgeConfig.batch_size`` passages, and conse
 form a shard of about ``ShardConfig.shard_megabytes``. Every process reads and tokenizes the
 whole stream, which is cheap next to the forward passes, so all processes agree on where shards
 end and where the token and position limits stop the recording. Shard ``k`` is then run through
-both models by process ``k mod world_size`` only. Memory holds one shard's rows per process,
-whatever the corpus size.
+both models by process ``k mod world_size`` only. Each process keeps at most about three
+shards' rows in memory (see ``ShardConfig``), whatever the corpus size.
 
 A rerun with the same settings skips the shards that the manifest lists and records the rest,
 so a killed recording continues from its last finished shard, and a finished one is reused.
@@ -48,9 +48,10 @@ class ShardConfig:
 
     Attributes:
         shard_megabytes: size of the stored rows at which a shard is closed, in MiB (2**20
-            bytes). Each process holds up to three shards' worth in memory: one being written
+            bytes). Each process keeps up to three shards' worth in memory: one being written
             in the background, and the next one's rows before and after concatenation. A
-            shard holds at least one batch, so a batch larger than this makes a larger shard.
+            shard contains at least one batch, so a batch larger than this makes a larger
+            shard.
         storage_dtype: dtype of the stored activations: ``float32``, ``float16`` or
             ``bfloat16``. The 16-bit types halve the disk space and round each value.
     """

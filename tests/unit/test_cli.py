@@ -179,7 +179,7 @@ def test_transfer_with_record_dir_reuses_recording(model_folders, capsys, caplog
     manifest = json.loads((record / "manifest.json").read_text())
     assert manifest["complete"]
     assert manifest["identity"]["recording"]["corpus_tokens"] == 150
-    # The budget stops after the passage that reaches it; the corpus holds more.
+    # The budget stops after the passage that reaches it; the corpus contains more.
     assert 150 <= manifest["stats"]["source_text_tokens"] < 150 + 128
     first = json.loads((model_folders / "first" / "cartridge.json").read_text())
 

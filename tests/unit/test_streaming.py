@@ -191,7 +191,7 @@ def test_killed_recording_resumes_to_same_shards(model_folders, tiny_corpus, tmp
     )
     assert run.returncode == -9, run.stderr
     # The kill comes from the writer thread, so the main thread may or may not have listed
-    # shard 1 by then; shard 2 is never listed.
+    # shard 1 by then. Shard 2 is never listed.
     assert sorted(Manifest.load(folder).shards) in ([0], [0, 1])
     assert list(folder.glob(".*.tmp"))
 
