@@ -262,3 +262,29 @@ def test_truncated_shard_is_rejected(tiny_source, tiny_target, tiny_corpus, tmp_
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(ValueError, match="shard-000000.safetensors is missing or has another size"):
         ShardReader(folder)
+
+
+def test_bfloat16_models_record_and_fit(tiny_source, tiny_target, tiny_corpus, tmp_path):
+    from loracast.fit import HeadFitConfig
+    from loracast.shard_fit import fit_bridge_from_shards
+
+    for loaded in (tiny_source, tiny_target):
+        loaded.model.to(torch.bfloat16)
+    folder = tmp_path / "record"
+    manifest = _record(tiny_source, tiny_target, tiny_corpus[:12], folder)
+    assert manifest.identity["source"]["dtype"] == "bfloat16"
+    stored = _shard_tensors(folder)[0]
+    key = tensor_key("source", "model.layers.1.self_attn.q_proj", "output")
+    assert stored[key].dtype == torch.float32  # the default storage dtype
+    # bfloat16 activations are stored exactly: rounding them again changes nothing.
+    assert torch.equal(stored[key].to(torch.bfloat16).float(), stored[key])
+
+    config = BridgeConfig(max_tokens=32, batch_size=4, max_positions=None)
+    config.head = HeadFitConfig(mlp_hidden=4, mlp_steps=5)
+    bridge = fit_bridge_from_shards(
+        tiny_source, tiny_target, folder, SITES, config, show_progress=False
+    )
+    for heads in bridge.sites.values():
+        assert heads.encoder.linear.weight.dtype == torch.float32
+        assert torch.isfinite(heads.decoder.linear.weight).all()
+        assert heads.metrics["encoder_r2"] > 0
