@@ -194,9 +194,10 @@ def _markdown(document: dict) -> str:
         "",
         f"Models: {MODELS[0]} (source) and {MODELS[1]} (target), float32 on the CPU. Corpus: "
         f"{CORPUS}, read as a stream with a token budget. Sites: q_proj and v_proj of every "
-        f"source layer ({rows[0]['sites']} sites) with their anchors in the target. Each "
-        "size ran in a fresh process, beside other work on the same machine, so rates vary "
-        "by some percent from run to run.",
+        f"source layer ({rows[0]['sites']} sites) with their anchors in the target. Torch "
+        f"threads per process: {rows[0]['torch_threads']}. Each size ran in a fresh process, "
+        "beside other work on the same machine, so rates vary by some percent from run to "
+        "run.",
         "",
         "| corpus tokens | aligned positions | shards (GiB) | bare forward tok/s | "
         "recording tok/s | ratio | peak RSS before / after recording / after fit (MiB) | "
@@ -232,7 +233,8 @@ def _markdown(document: dict) -> str:
         "heads of layer 0 (one shared encoder, two decoders) took "
         f"{first['fit_seconds_default_layer_0']} s and {second['fit_seconds_default_layer_0']} s: "
         "the residual MLP takes a fixed number of steps per head, so its part does not grow. "
-        "A full default fit costs about the layer-0 time per layer on top of the ridge time.",
+        "By estimate, a full default fit of all layers takes about the layer-0 time times "
+        "the number of layers.",
         "",
         "Reproduce with the command above; `--tokens` sets N (the second size is 2N).",
         "",
@@ -247,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="rewrite scale.md from the scale.json in --out, without measuring",
+    )
     parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -254,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is not None:
         # A child process: measure one size and print the figures as the last line.
         print(json.dumps(run_size(args.size, Path(args.folder), args.cache_dir)))
+        return 0
+
+    out = Path(args.out)
+    if args.render:
+        document = json.loads((out / "scale.json").read_text())
+        (out / "scale.md").write_text(_markdown(document))
         return 0
 
     arguments = argv if argv is not None else sys.argv[1:]
@@ -286,7 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": CORPUS,
         "sizes": sizes,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(document, indent=2) + "\n")
     (out / "scale.md").write_text(_markdown(document))
