@@ -158,3 +158,81 @@ def test_checkpoints_of_another_recording_rejected(tiny_source, tiny_target, tin
         fit_bridge_from_shards(
             tiny_source, tiny_target, recorded, SITES, _config(0), show_progress=False
         )
+
+
+# A fused source projection (GPT-2's c_attn) meets separate q, k and v projections, and a
+# separate source MLP meets a fused target projection (Phi-3's gate_up_proj).
+FUSED_PAIRS = [("gpt2", "llama"), ("llama", "phi3")]
+
+
+@pytest.mark.parametrize(
+    ("source_name", "target_name"), FUSED_PAIRS, ids=[f"{s}-to-{t}" for s, t in FUSED_PAIRS]
+)
+def test_fused_parts_equal_in_memory_fit(
+    source_name, target_name, byte_tokenizer, metaspace_tokenizer, tiny_corpus, tmp_path
+):
+    from loracast.adapters import load_adapter
+    from loracast.architectures import expand_sites, linear_weight, output_rows
+    from loracast.models import LoadedModel
+    from loracast.shards import Manifest
+    from tests.conftest import build_tiny_family
+    from tests.unit.test_adapters import save_random_adapter
+
+    vocab = 600  # at least the size of both test tokenizers
+    source_model = build_tiny_family(source_name, vocab, seed=0, layers=3).requires_grad_(False)
+    target_model = build_tiny_family(target_name, vocab, seed=1, layers=2).requires_grad_(False)
+    source = LoadedModel(source_model, byte_tokenizer, f"tiny-{source_name}")
+    target = LoadedModel(target_model, metaspace_tokenizer, f"tiny-{target_name}")
+    peft_model = save_random_adapter(
+        source.model, tmp_path / "adapter", target_modules="all-linear"
+    )
+    source.model = peft_model.unload()
+    sites = sorted(load_adapter(tmp_path / "adapter").kernels, key=lambda site: site.sort_key)
+    config = _config(8)
+
+    folder = tmp_path / "record"
+    manifest = record_shards(
+        source,
+        target,
+        tiny_corpus,
+        sites,
+        folder,
+        config,
+        ShardConfig(shard_megabytes=0.05),
+        show_progress=False,
+    )
+    bridge = fit_bridge_from_shards(source, target, folder, sites, config, show_progress=False)
+    recording = record_corpus(source, target, tiny_corpus, sites, config, show_progress=False)
+    expected = fit_bridge_from_recording(
+        source, target, recording, sites, config, show_progress=False
+    )
+
+    # Each fused module is recorded once, under its module name, for all of its parts.
+    parts = expand_sites(source.model, sites)
+    modules = sorted({site.module_name for site in parts})
+    assert manifest.identity["site_modules"] == modules
+    assert Manifest.load(folder).identity["site_modules"] == modules
+    assert set(bridge.sites) == set(parts)
+    anchors = {heads.anchor.module_name for heads in bridge.sites.values()}
+    assert manifest.identity["anchor_modules"] == sorted(anchors)
+    # The attention-output (o) sites choose the smallest ridge penalty, where the float32
+    # Gram matrix of the in-memory fit moves weights of size about 1 by up to about 7e-4.
+    _assert_close_bridges(expected, bridge, rtol=1e-2, atol=1e-3)
+
+    fused_sites = [site for site in parts if site.part is not None]
+    fused_anchors = [h.anchor for h in bridge.sites.values() if h.anchor.part is not None]
+    assert fused_sites or fused_anchors
+    for site, heads in bridge.sites.items():
+        weight = linear_weight(source.model.get_submodule(site.module_name))  # (d_out, d_in)
+        rows = output_rows(source.model, site)
+        if rows is not None:
+            weight = weight[rows]
+        assert torch.equal(heads.source_weight, weight), site.name
+        assert heads.decoder.d_in == weight.shape[0], site.name
+        anchor_rows = output_rows(target.model, heads.anchor)
+        if anchor_rows is not None:
+            assert heads.decoder.d_out == len(anchor_rows), site.name
+
+    # One decoder checkpoint per site, parts of one module included.
+    (checkpoints,) = folder.glob("fit-*")
+    assert len(list(checkpoints.glob("decoder-*.safetensors"))) == len(parts)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import loracast
 from loracast import streaming
-from loracast.architectures import Site
+from loracast.architectures import FAMILIES, Site
 from loracast.bridge import BridgeConfig, record_corpus
 from loracast.corpus import CorpusStream
 from loracast.models import load_model
@@ -71,6 +71,22 @@ def test_shards_equal_in_memory_recording(tiny_source, tiny_target, tiny_corpus,
     assert torch.equal(text_ids, recording.text_ids)
     for key in ("texts", "positions", "source_text_tokens", "aligned_fraction_of_source_tokens"):
         assert manifest.stats[key] == recording.stats[key], key
+
+
+def test_layer_output_anchors_recorded(
+    tiny_source, tiny_target, tiny_corpus, tmp_path, monkeypatch
+):
+    # A target family outside the role table is carried to its decoder layers' outputs, and a
+    # decoder layer has no weight to size the shard rows by.
+    monkeypatch.delitem(FAMILIES, "gemma3_text")
+    manifest = _record(tiny_source, tiny_target, tiny_corpus[:8], tmp_path / "record")
+    # Source layers 1 and 2 of 4 both map to target layer 1 of 3.
+    assert manifest.identity["anchor_modules"] == ["model.layers.1"]
+    reader = ShardReader(tmp_path / "record")
+    width = tiny_target.model.config.hidden_size
+    for kind in ("input", "output"):
+        key = tensor_key("target", "model.layers.1", kind)
+        assert reader.load(reader.indices[0], [key])[key].shape[1] == width, kind
 
 
 def test_memmap_rows_match_loaded_rows(tiny_source, tiny_target, tiny_corpus, tmp_path):
@@ -145,7 +161,7 @@ _KILLED_RUN = """
 import json, os, signal, sys
 from pathlib import Path
 from loracast import shards
-from loracast.architectures import Site
+from loracast.architectures import FAMILIES, Site
 from loracast.bridge import BridgeConfig
 from loracast.models import load_model
 from loracast.streaming import ShardConfig, record_shards
