@@ -49,7 +49,9 @@ class BridgeConfig:
         layer_map: how source layers map to target layers (``relative-depth``).
         max_tokens: source tokens read per corpus passage.
         batch_size: passages per forward pass while recording.
-        max_positions: aligned positions recorded at most.
+        max_positions: aligned positions recorded at most (None: no limit).
+        corpus_tokens: source text tokens read from the corpus at most (None: no limit). The
+            passage that reaches the limit is read whole.
         validation_fraction: share of passages held out to choose penalties and report R².
         head: settings for every encoder and decoder.
         seed: seed of the train/validation split.
@@ -58,7 +60,8 @@ class BridgeConfig:
     layer_map: str = "relative-depth"
     max_tokens: int = 128
     batch_size: int = 8
-    max_positions: int = 16000
+    max_positions: int | None = 16000
+    corpus_tokens: int | None = None
     validation_fraction: float = 0.1
     head: HeadFitConfig = field(default_factory=HeadFitConfig)
     seed: int = 0
@@ -70,9 +73,12 @@ class BridgeConfig:
             raise ValueError(
                 f"validation_fraction must be in (0, 0.5), got {self.validation_fraction}"
             )
-        for name in ("max_tokens", "batch_size", "max_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_tokens", "batch_size", "max_positions", "corpus_tokens"):
+            value = getattr(self, name)
+            optional = name in ("max_positions", "corpus_tokens")
+            if (value is not None or not optional) and (value is None or value < 1):
+                limit = "an integer >= 1 or None" if optional else "an integer >= 1"
+                raise ValueError(f"{name} must be {limit}, got {value}")
         if isinstance(self.head, dict):
             self.head = HeadFitConfig(**self.head)
 
@@ -239,19 +245,27 @@ def _load_head(shape: dict, tensors: dict[str, torch.Tensor], prefix: str) -> He
     return head
 
 
-def _split_by_text(recording: Recording, fraction: float, seed: int):
-    text_ids = recording.text_ids
+def validation_texts(text_ids: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Draw the passages held out for validation from the distinct values of ``text_ids``.
+
+    Raises:
+        ValueError: fewer than 2 distinct passages, so none can be held out.
+    """
     unique = torch.unique(text_ids)
-    generator = torch.Generator().manual_seed(seed)
-    shuffled = unique[torch.randperm(len(unique), generator=generator)]
-    n_val = max(1, int(round(len(unique) * fraction)))
-    val_texts = shuffled[:n_val]
-    is_val = torch.isin(text_ids, val_texts)
-    if is_val.all() or not is_val.any():
+    if len(unique) < 2:
         raise ValueError(
             f"the corpus yielded {len(unique)} usable passages; at least 2 are needed to hold "
             "some out for validation"
         )
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = unique[torch.randperm(len(unique), generator=generator)]
+    n_val = max(1, int(round(len(unique) * fraction)))
+    return shuffled[:n_val]
+
+
+def _split_by_text(recording: Recording, fraction: float, seed: int):
+    text_ids = recording.text_ids
+    is_val = torch.isin(text_ids, validation_texts(text_ids, fraction, seed))
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
@@ -274,6 +288,20 @@ def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Sit
     return layer_map, anchors
 
 
+def recorded_modules(source, target, sites: Sequence[Site]) -> tuple[list[str], list[str]]:
+    """Return the sorted module names to record: the sites in the source, anchors in the target.
+
+    The parts of a fused projection share one module, which is recorded once.
+
+    Raises:
+        ValueError: a site's module has no matching role in the target.
+    """
+    _, anchors = _anchors(source, target, sites)
+    site_modules = sorted({site.module_name for site in anchors})
+    anchor_modules = sorted({anchor.module_name for anchor in anchors.values()})
+    return site_modules, anchor_modules
+
+
 def record_corpus(
     source,
     target,
@@ -292,17 +320,18 @@ def record_corpus(
             aligned position.
     """
     config = config or BridgeConfig()
-    _, anchors = _anchors(source, target, sites)
+    site_names, anchor_names = recorded_modules(source, target, sites)
     started = time.perf_counter()
     recording = record_pair(
         source,
         target,
         corpus,
-        sorted({site.module_name for site in anchors}),
-        sorted({anchor.module_name for anchor in anchors.values()}),
+        site_names,
+        anchor_names,
         max_tokens=config.max_tokens,
         batch_size=config.batch_size,
         max_positions=config.max_positions,
+        max_source_tokens=config.corpus_tokens,
         show_progress=show_progress,
     )
     recording.stats["record_seconds"] = round(time.perf_counter() - started, 2)
@@ -416,32 +445,53 @@ def _columns(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 def _fit_site(source, target, recording, site, anchor, split, head_config, encoders) -> SiteHeads:
     train, val = split
-    site_rows = output_rows(source.model, site)
-    anchor_rows = output_rows(target.model, anchor)
     site_data = recording.source[site.module_name]
     anchor_data = recording.target[anchor.module_name]
     x_t, x_s = anchor_data["input"], site_data["input"]
-    y_s = _columns(site_data["output"], site_rows)  # (n, d_out_source)
-    y_t = _columns(anchor_data["output"], anchor_rows)  # (n, d_out_target)
+    y_s = _columns(site_data["output"], output_rows(source.model, site))  # (n, d_out_source)
+    y_t = _columns(anchor_data["output"], output_rows(target.model, anchor))  # (n, d_out_target)
 
-    # Sites that read the same input (q, k and v of one layer) share one encoder, when their
-    # anchors read the same input too.
-    encoder_key = (
+    key = encoder_key(source, target, site, anchor)
+    if key not in encoders:
+        encoders[key] = fit_head(
+            x_t[train], x_s[train], x_t[val], x_s[val], head_config, name=f"{site.name} encoder"
+        )
+    decoder = fit_head(
+        y_s[train], y_t[train], y_s[val], y_t[val], head_config, name=f"{site.name} decoder"
+    )
+    return make_site_heads(source, target, site, anchor, encoders[key], decoder)
+
+
+def encoder_key(source, target, site: Site, anchor: Site) -> tuple[int, str, int, str]:
+    """Return the key of a site's encoder: sites that read the same input share one encoder.
+
+    The q, k and v sites of one layer, for example, read the same input, and share an encoder
+    when their anchors read the same input too.
+    """
+    return (
         site.layer,
         input_group(source.model, site),
         anchor.layer,
         input_group(target.model, anchor),
     )
-    if encoder_key not in encoders:
-        encoders[encoder_key] = fit_head(
-            x_t[train], x_s[train], x_t[val], x_s[val], head_config, name=f"{site.name} encoder"
-        )
-    encoder, encoder_metrics = encoders[encoder_key]
 
-    decoder, decoder_metrics = fit_head(
-        y_s[train], y_t[train], y_s[val], y_t[val], head_config, name=f"{site.name} decoder"
-    )
 
+def make_site_heads(
+    source,
+    target,
+    site: Site,
+    anchor: Site,
+    encoder_fit: tuple[Head, dict],
+    decoder_fit: tuple[Head, dict],
+) -> SiteHeads:
+    """Bundle a site's fitted heads, their metrics, and the site's base weight and output rows.
+
+    For a part of a fused projection the base weight and bias keep the part's rows only.
+    """
+    encoder, encoder_metrics = encoder_fit
+    decoder, decoder_metrics = decoder_fit
+    site_rows = output_rows(source.model, site)
+    anchor_rows = output_rows(target.model, anchor)
     module = source.model.get_submodule(site.module_name)
     weight = linear_weight(module).detach().float().cpu().contiguous()  # (d_out, d_in_source)
     bias = module.bias.detach().float().cpu() if module.bias is not None else None

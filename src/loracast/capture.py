@@ -55,6 +55,9 @@ def recording_hooks(
     module_names: Sequence[str],
     index: dict[str, torch.Tensor],
     store: dict[str, dict[str, list[torch.Tensor]]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    store_device: torch.device | str | None = "cpu",
 ) -> Iterator[None]:
     """Record each named module's input and output rows at ``index`` while the context is open.
 
@@ -65,15 +68,20 @@ def recording_hooks(
             ``length`` the padded sequence length; read at every forward call, so the caller
             updates it before each batch.
         store: receives ``store[name]["input"]`` and ``store[name]["output"]`` lists of
-            ``(n_rows, d)`` float32 CPU tensors.
+            ``(n_rows, d)`` tensors of ``dtype``.
+        dtype: dtype of the stored rows.
+        store_device: where the stored rows go; None keeps them on the model's device, so a GPU
+            forward pass is not stopped by a copy to the CPU at every module.
     """
     handles = []
 
     def make_hook(name: str):
         def hook(module, args, kwargs, output):
             entry = store.setdefault(name, {"input": [], "output": []})
-            entry["input"].append(_select(hook_input(args, kwargs), index).detach().float().cpu())
-            entry["output"].append(_select(hook_output(output), index).detach().float().cpu())
+            x = _select(hook_input(args, kwargs), index).detach()
+            y = _select(hook_output(output), index).detach()
+            entry["input"].append(x.to(device=store_device, dtype=dtype))
+            entry["output"].append(y.to(device=store_device, dtype=dtype))
 
         return hook
 
@@ -121,14 +129,15 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix, model)
 
 
-def _forward_recorded(model, tokenizer, encoded, rows, module_names, store) -> None:
-    batch_index = torch.tensor([row for row, _ in rows], dtype=torch.long)
-    position_index = torch.tensor([position for _, position in rows], dtype=torch.long)
+def _forward_recorded(model, tokenizer, encoded, rows, module_names, store, **hook_options):
     device = next(model.parameters()).device
+    # The index lives on the model's device, so indexing a GPU activation copies nothing.
+    batch_index = torch.tensor([row for row, _ in rows], dtype=torch.long, device=device)
+    position_index = torch.tensor([position for _, position in rows], dtype=torch.long)
+    index = {"batch": batch_index, "position": position_index.to(device)}
     batch = _pad_batch(encoded, tokenizer.pad_token_id, device)
-    index = {"batch": batch_index, "position": position_index}
     index["length"] = batch["input_ids"].shape[1]
-    with torch.no_grad(), recording_hooks(model, module_names, index, store):
+    with torch.no_grad(), recording_hooks(model, module_names, index, store, **hook_options):
         decoder_of(model)(**batch, use_cache=False)
 
 
@@ -137,6 +146,105 @@ def _concatenate(store) -> dict[str, dict[str, torch.Tensor]]:
         name: {kind: torch.cat(parts) for kind, parts in entry.items()}
         for name, entry in store.items()
     }
+
+
+@dataclass
+class BatchPlan:
+    """The encoded texts of one batch and the aligned rows to record from them.
+
+    Attributes:
+        text_ids: corpus index of each text in the batch.
+        source_encoded, target_encoded: each text encoded by the source and target tokenizers.
+        source_rows, target_rows: ``(batch row, token index)`` of every aligned position.
+        row_text_ids: corpus index of the text of every aligned position.
+        source_tokens: source text tokens read in the batch.
+        aligned_tokens: aligned positions in the batch before ``keep_rows``.
+    """
+
+    text_ids: list[int] = field(default_factory=list)
+    source_encoded: list[Encoded] = field(default_factory=list)
+    target_encoded: list[Encoded] = field(default_factory=list)
+    source_rows: list[tuple[int, int]] = field(default_factory=list)
+    target_rows: list[tuple[int, int]] = field(default_factory=list)
+    row_text_ids: list[int] = field(default_factory=list)
+    source_tokens: int = 0
+    aligned_tokens: int = 0
+
+    def keep_rows(self, count: int) -> None:
+        """Keep only the first ``count`` aligned positions."""
+        count = max(count, 0)
+        self.source_rows = self.source_rows[:count]
+        self.target_rows = self.target_rows[:count]
+        self.row_text_ids = self.row_text_ids[:count]
+
+
+def plan_batch(
+    source_tokenizer,
+    target_tokenizer,
+    indexed_texts: Sequence[tuple[int, str]],
+    max_tokens: int,
+    *,
+    max_source_tokens: int | None = None,
+) -> BatchPlan:
+    """Cut, encode and align a batch of ``(corpus index, text)`` pairs.
+
+    Each text is cut to what ``max_tokens`` source tokens read. Texts left empty are skipped.
+    With ``max_source_tokens``, texts are taken until their source tokens reach that number; the
+    text that reaches it is kept whole.
+    """
+    plan = BatchPlan()
+    for text_id, text in indexed_texts:
+        if max_source_tokens is not None and plan.source_tokens >= max_source_tokens:
+            break
+        text = truncate_text(source_tokenizer, text, max_tokens)
+        if not text.strip():
+            continue
+        first, second = encode(source_tokenizer, text), encode(target_tokenizer, text)
+        row = len(plan.text_ids)
+        for i, j in aligned_positions(first, second):
+            plan.source_rows.append((row, i))
+            plan.target_rows.append((row, j))
+            plan.row_text_ids.append(text_id)
+        plan.text_ids.append(text_id)
+        plan.source_encoded.append(first)
+        plan.target_encoded.append(second)
+        plan.source_tokens += sum(1 for special in first.special if not special)
+    plan.aligned_tokens = len(plan.source_rows)
+    return plan
+
+
+def record_batch(
+    source,
+    target,
+    plan: BatchPlan,
+    site_names: Sequence[str],
+    anchor_names: Sequence[str],
+    source_store: dict,
+    target_store: dict,
+    **hook_options,
+) -> None:
+    """Run both models on a planned batch and append the aligned rows to the stores.
+
+    ``hook_options`` (``dtype``, ``store_device``) go to ``recording_hooks``.
+    """
+    _forward_recorded(
+        source.model,
+        source.tokenizer,
+        plan.source_encoded,
+        plan.source_rows,
+        site_names,
+        source_store,
+        **hook_options,
+    )
+    _forward_recorded(
+        target.model,
+        target.tokenizer,
+        plan.target_encoded,
+        plan.target_rows,
+        anchor_names,
+        target_store,
+        **hook_options,
+    )
 
 
 def record_pair(
@@ -149,6 +257,7 @@ def record_pair(
     max_tokens: int = 128,
     batch_size: int = 8,
     max_positions: int | None = None,
+    max_source_tokens: int | None = None,
     show_progress: bool = True,
 ) -> Recording:
     """Run both models on the same texts and record sites and anchors at aligned positions.
@@ -160,6 +269,8 @@ def record_pair(
         max_tokens: source tokens per passage.
         batch_size: passages per forward pass.
         max_positions: stop once this many aligned positions are recorded (None: no limit).
+        max_source_tokens: stop reading texts once this many source text tokens are read
+            (None: no limit).
         show_progress: show a progress bar.
 
     Returns:
@@ -182,40 +293,26 @@ def record_pair(
         unit="pos" if max_positions else "text",
     )
     for start in range(0, len(texts), batch_size):
-        indexed = [
-            (start + offset, truncate_text(source.tokenizer, text, max_tokens))
-            for offset, text in enumerate(texts[start : start + batch_size])
-        ]
-        indexed = [(text_id, text) for text_id, text in indexed if text.strip()]
-        if not indexed:
+        if max_source_tokens is not None and source_tokens >= max_source_tokens:
+            break
+        room = None if max_source_tokens is None else max_source_tokens - source_tokens
+        batch = list(enumerate(texts[start : start + batch_size], start=start))
+        plan = plan_batch(
+            source.tokenizer, target.tokenizer, batch, max_tokens, max_source_tokens=room
+        )
+        if not plan.text_ids:
             continue
-        chunk = [text for _, text in indexed]
-        source_encoded = [encode(source.tokenizer, text) for text in chunk]
-        target_encoded = [encode(target.tokenizer, text) for text in chunk]
-        source_rows, target_rows, row_texts = [], [], []
-        for row, (first, second) in enumerate(zip(source_encoded, target_encoded, strict=True)):
-            for i, j in aligned_positions(first, second):
-                source_rows.append((row, i))
-                target_rows.append((row, j))
-                row_texts.append(indexed[row][0])
-            source_tokens += sum(1 for special in first.special if not special)
-        aligned_tokens += len(source_rows)
+        source_tokens += plan.source_tokens
+        aligned_tokens += plan.aligned_tokens
         if max_positions is not None:
-            keep = max_positions - total_positions
-            source_rows, target_rows = source_rows[:keep], target_rows[:keep]
-            row_texts = row_texts[:keep]
-        if not source_rows:
+            plan.keep_rows(max_positions - total_positions)
+        if not plan.source_rows:
             continue
-        _forward_recorded(
-            source.model, source.tokenizer, source_encoded, source_rows, site_names, source_store
-        )
-        _forward_recorded(
-            target.model, target.tokenizer, target_encoded, target_rows, anchor_names, target_store
-        )
-        text_ids.extend(row_texts)
-        total_positions += len(source_rows)
-        used_texts += len(chunk)
-        bar.update(len(source_rows) if max_positions else len(chunk))
+        record_batch(source, target, plan, site_names, anchor_names, source_store, target_store)
+        text_ids.extend(plan.row_text_ids)
+        total_positions += len(plan.source_rows)
+        used_texts += len(plan.text_ids)
+        bar.update(len(plan.source_rows) if max_positions else len(plan.text_ids))
         if max_positions is not None and total_positions >= max_positions:
             break
     bar.close()

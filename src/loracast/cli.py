@@ -37,15 +37,52 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_corpus_options(parser: argparse.ArgumentParser, max_passages: int) -> None:
+def _add_corpus_options(
+    parser: argparse.ArgumentParser, max_passages: int | None, passages_help: str | None = None
+) -> None:
     parser.add_argument(
         "--corpus",
         default="bbc-news",
-        help="general text: a .txt/.jsonl file, a folder, or bbc-news (default)",
+        help="general text: a .txt/.jsonl file, a folder of them, a folder written by "
+        "datasets' save_to_disk, hf:NAME[:CONFIG] for a hub dataset, or bbc-news (default)",
     )
-    parser.add_argument("--text-field", default="text", help="JSONL field with the text")
+    parser.add_argument("--text-field", default="text", help="JSONL or dataset field with the text")
     parser.add_argument(
-        "--max-passages", type=int, default=max_passages, help="corpus passages read"
+        "--corpus-split", default="train", help="dataset split to read (default: train)"
+    )
+    parser.add_argument(
+        "--max-passages",
+        type=int,
+        default=max_passages,
+        help=passages_help or f"corpus passages read (default: {max_passages})",
+    )
+
+
+def _add_scale_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus-tokens",
+        type=int,
+        default=None,
+        help="read the corpus until this many source tokens are read (default: no limit)",
+    )
+    parser.add_argument(
+        "--record-dir",
+        default=None,
+        help="record activations into safetensors shards in this folder and fit from them; "
+        "rerunning the same command resumes an interrupted recording or fit",
+    )
+    parser.add_argument(
+        "--storage-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the recorded activations on disk (default: float32)",
+    )
+    parser.add_argument(
+        "--shard-megabytes",
+        type=float,
+        default=256.0,
+        help="size of one shard of recorded activations in MiB; each process keeps up to "
+        "three in memory (default: 256)",
     )
 
 
@@ -59,37 +96,56 @@ def _add_output_options(parser: argparse.ArgumentParser, *, pickle: bool) -> Non
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder")
 
 
-def _load(args, name):
+def _load(args, name, device=None):
     from loracast.models import load_model
 
     return load_model(
         name,
         dtype=args.dtype,
-        device=args.device,
+        device=device or args.device,
         cache=args.cache_dir,
         trust_remote_code=args.trust_remote_code,
     )
 
 
+def _transfer_corpus(args, max_passages):
+    from loracast.corpus import CorpusStream, load_corpus
+
+    if args.record_dir:
+        return CorpusStream(
+            args.corpus, args.text_field, args.corpus_split, max_passages=max_passages
+        )
+    return load_corpus(
+        args.corpus, max_passages=max_passages, text_field=args.text_field, split=args.corpus_split
+    )
+
+
 def _transfer(args) -> int:
     from loracast.bridge import Bridge, BridgeConfig
-    from loracast.corpus import load_corpus
+    from loracast.distributed import process_context
     from loracast.fit import HeadFitConfig
+    from loracast.streaming import ShardConfig
     from loracast.transfer import transfer
 
+    # A token budget replaces the default limits on passages and positions.
+    budget = args.corpus_tokens
+    max_passages = args.max_passages if args.max_passages or budget else 400
+    max_positions = args.max_positions if args.max_positions or budget else 12000
     config = BridgeConfig(
         max_tokens=args.max_tokens,
-        max_positions=args.max_positions,
-        head=HeadFitConfig(mlp_hidden=0 if args.head == "linear" else args.mlp_hidden),
+        max_positions=max_positions,
+        corpus_tokens=budget,
+        head=HeadFitConfig(
+            mlp_hidden=0 if args.head == "linear" else args.mlp_hidden, mlp_steps=args.mlp_steps
+        ),
         seed=args.seed,
     )
+    shard_config = ShardConfig(args.shard_megabytes, args.storage_dtype)
+    context = process_context(args.device)
     bridge = Bridge.load(args.bridge) if args.bridge else None
-    corpus = None
-    if bridge is None:
-        corpus = load_corpus(
-            args.corpus, max_passages=args.max_passages, text_field=args.text_field
-        )
-    source, target = _load(args, args.source), _load(args, args.target)
+    corpus = _transfer_corpus(args, max_passages) if bridge is None else None
+    source = _load(args, args.source, context.device)
+    target = _load(args, args.target, context.device)
     result = transfer(
         source,
         target,
@@ -98,10 +154,15 @@ def _transfer(args) -> int:
         args.out,
         config=config,
         bridge=bridge,
+        record_dir=args.record_dir,
+        shard_config=shard_config,
+        context=context,
         allow_pickle=args.allow_pickle,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
     )
+    if not context.is_main:
+        return 0
     if args.save_bridge:
         result.bridge.save(args.save_bridge, overwrite=args.overwrite)
         print(f"bridge saved to {args.save_bridge}")
@@ -176,7 +237,12 @@ def _bake(args) -> int:
         max_positions=args.max_positions,
         max_tokens=args.max_tokens,
     )
-    corpus = load_corpus(args.corpus, max_passages=args.max_passages, text_field=args.text_field)
+    corpus = load_corpus(
+        args.corpus,
+        max_passages=args.max_passages,
+        text_field=args.text_field,
+        split=args.corpus_split,
+    )
     target = _load(args, args.target)
     cartridge = Cartridge.load(args.cartridge, target=target)
     result = bake(
@@ -216,7 +282,12 @@ def _refine(args) -> int:
         learning_rate=args.learning_rate,
         centre_shift=args.centre_shift,
     )
-    corpus = load_corpus(args.corpus, max_passages=args.max_passages, text_field=args.text_field)
+    corpus = load_corpus(
+        args.corpus,
+        max_passages=args.max_passages,
+        text_field=args.text_field,
+        split=args.corpus_split,
+    )
     source, target = _load(args, args.source), _load(args, args.target)
     cartridge = Cartridge.load(args.cartridge, target=target)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
@@ -362,12 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", required=True, help="model the adapter was trained on")
     run.add_argument("--target", required=True, help="model to carry the adapter to")
     run.add_argument("--adapter", required=True, help="PEFT LoRA folder trained on the source")
-    _add_corpus_options(run, max_passages=400)
+    _add_corpus_options(
+        run,
+        max_passages=None,
+        passages_help="corpus passages read (default: 400, no limit with --corpus-tokens)",
+    )
+    _add_scale_options(run)
     run.add_argument("--out", required=True, help="cartridge folder to write")
     run.add_argument("--bridge", default=None, help="reuse a saved bridge instead of fitting one")
     run.add_argument("--save-bridge", default=None, help="also save the fitted bridge here")
     run.add_argument("--max-tokens", type=int, default=128, help="source tokens per passage")
-    run.add_argument("--max-positions", type=int, default=12000, help="aligned positions recorded")
+    run.add_argument(
+        "--max-positions",
+        type=int,
+        default=None,
+        help="aligned positions recorded (default: 12000, no limit with --corpus-tokens)",
+    )
     run.add_argument(
         "--head",
         choices=["mlp", "linear"],
@@ -375,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="head type: ridge + residual MLP (default) or ridge only",
     )
     run.add_argument("--mlp-hidden", type=int, default=128, help="hidden width of the MLP heads")
+    run.add_argument(
+        "--mlp-steps", type=int, default=150, help="Adam steps per MLP head (default: 150)"
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the validation split and MLPs")
     _add_output_options(run, pickle=True)
     _add_model_options(run)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from loracast.heads import Head
 
@@ -53,16 +54,30 @@ def r2_score(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return float(1.0 - residual / total.clamp_min(1e-12))
 
 
-def _ridge_solutions(z: torch.Tensor, t: torch.Tensor, alphas: Sequence[float]):
+def ridge_solutions(
+    gram: torch.Tensor, cross: torch.Tensor, n: int, alphas: Sequence[float]
+) -> Iterator[tuple[float, torch.Tensor]]:
+    """Yield ``(alpha, weight)`` ridge solutions from standardised second moments.
+
+    Args:
+        gram: ``Z^T Z`` of the standardised inputs, ``(d_in, d_in)``, float64.
+        cross: ``Z^T T`` of standardised inputs and targets, ``(d_in, d_out)``, float64.
+        n: number of samples; each penalty is ``alpha · n``.
+        alphas: the penalties to solve for.
+
+    Yields:
+        Each penalty and its float32 weight, ``(d_out, d_in)``.
+    """
     # One eigendecomposition of the Gram matrix serves every penalty.
-    n = z.shape[0]
-    gram = (z.T @ z).double()
-    cross = (z.T @ t).double()
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     projected = eigenvectors.T @ cross
     for alpha in alphas:
         weight = eigenvectors @ (projected / (eigenvalues + alpha * n).unsqueeze(1))
         yield alpha, weight.T.float()  # (d_out, d_in)
+
+
+def _ridge_solutions(z: torch.Tensor, t: torch.Tensor, alphas: Sequence[float]):
+    yield from ridge_solutions((z.T @ z).double(), (z.T @ t).double(), z.shape[0], alphas)
 
 
 def fit_head(
@@ -119,25 +134,70 @@ def fit_head(
 
 
 def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config, name) -> float:
-    """Train only the MLP on the standardised residual; keep the best validation state."""
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    head.mlp[0].reset_parameters()  # seeded, so a refit with the same seed is identical
-    head.linear.requires_grad_(False)
-    optimizer = torch.optim.Adam(head.mlp.parameters(), lr=config.mlp_lr)
-    # The linear part is frozen, so its share of the standardised target is computed once.
+    # The linear part stays frozen, so its share of the standardised target is computed once.
     with torch.no_grad():
         z_train = (x_train - head.in_mean) / head.in_std
         residual = (y_train - head.out_mean) / head.out_std - head.linear(z_train)
 
+    def batch_loss(mlp: nn.Module, index: torch.Tensor) -> torch.Tensor:
+        return (mlp(z_train[index]) - residual[index]).pow(2).mean()
+
+    return train_residual_mlp(
+        head, batch_loss, lambda: r2_score(head(x_val), y_val), x_train.shape[0], config, name
+    )
+
+
+def _is_finite(loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss))
+
+
+def train_residual_mlp(
+    head: Head,
+    batch_loss: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    validation_r2: Callable[[], float],
+    n_train: int,
+    config: HeadFitConfig,
+    name: str,
+    *,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    all_finite: Callable[[torch.Tensor], bool] = _is_finite,
+) -> float:
+    """Train only the head's MLP from its ridge start; keep the best validation state.
+
+    Batches are ``config.mlp_batch_size`` indices into the ``n_train`` training rows, drawn
+    from a generator seeded with ``config.seed``, so the same seed gives the same batches.
+
+    Args:
+        head: a head with an MLP and its fitted linear part, which stays frozen.
+        batch_loss: maps ``(mlp, index)`` to the loss on the training rows ``index``, where
+            ``mlp`` is the head's MLP, wrapped by ``wrap`` when given.
+        validation_r2: returns the head's held-out R²; called without gradients.
+        n_train: number of training rows.
+        config: fitting settings (``seed``, ``mlp_steps``, ``mlp_lr``, ``mlp_batch_size``).
+        name: what the head maps, for log messages.
+        wrap: wraps the MLP before training, for example in ``DistributedDataParallel``.
+        all_finite: decides whether a loss is finite. In data-parallel training it must return
+            the same result in every process.
+
+    Returns:
+        The best held-out R², whose MLP state the head keeps.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    head.mlp[0].reset_parameters()  # seeded, so a refit with the same seed is identical
+    head.linear.requires_grad_(False)
+    head.mlp.requires_grad_(True)
+    mlp = wrap(head.mlp) if wrap is not None else head.mlp
+    optimizer = torch.optim.Adam(head.mlp.parameters(), lr=config.mlp_lr)
+
     with torch.no_grad():
-        best_score = r2_score(head(x_val), y_val)
+        best_score = validation_r2()
     best_state = {k: v.clone() for k, v in head.mlp.state_dict().items()}
     evaluate_every = max(1, config.mlp_steps // 5)
     for step in range(1, config.mlp_steps + 1):
-        index = torch.randint(0, x_train.shape[0], (config.mlp_batch_size,), generator=generator)
-        loss = (head.mlp(z_train[index]) - residual[index]).pow(2).mean()
-        if not torch.isfinite(loss):
+        index = torch.randint(0, n_train, (config.mlp_batch_size,), generator=generator)
+        loss = batch_loss(mlp, index)
+        if not all_finite(loss):
             # Keep the last good state (at worst the ridge solution) instead of NaN weights.
             logger.warning(
                 "%s: residual MLP loss became %s at step %d; keeping the best state so far "
@@ -152,7 +212,7 @@ def _train_residual_mlp(head, x_train, y_train, x_val, y_val, config, name) -> f
         optimizer.step()
         if step % evaluate_every == 0 or step == config.mlp_steps:
             with torch.no_grad():
-                score = r2_score(head(x_val), y_val)
+                score = validation_r2()
             if score > best_score:
                 best_score = score
                 best_state = {k: v.clone() for k, v in head.mlp.state_dict().items()}

@@ -165,3 +165,35 @@ def test_refine_writes_a_refined_cartridge(model_folders, capsys):
     assert config["refinement"]["text"] == "template"
     assert config["refinement"]["template"] == "Note: {text}\nLabel:"
     assert main(["info", str(refined)]) == 0
+
+
+def test_transfer_with_record_dir_reuses_recording(model_folders, capsys, caplog):
+    record = model_folders / "record"
+    arguments = [
+        *_transfer_args(model_folders, model_folders / "first"),
+        "--record-dir",
+        str(record),
+    ]
+    arguments += ["--corpus-tokens", "150"]
+    assert main(arguments) == 0
+    manifest = json.loads((record / "manifest.json").read_text())
+    assert manifest["complete"]
+    assert manifest["identity"]["recording"]["corpus_tokens"] == 150
+    # The budget stops after the passage that reaches it; the corpus contains more.
+    assert 150 <= manifest["stats"]["source_text_tokens"] < 150 + 128
+    first = json.loads((model_folders / "first" / "cartridge.json").read_text())
+
+    arguments[arguments.index(str(model_folders / "first"))] = str(model_folders / "second")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="loracast"):
+        assert main(arguments) == 0
+    assert "reusing the complete recording" in caplog.text
+    second = json.loads((model_folders / "second" / "cartridge.json").read_text())
+    assert [site["metrics"] for site in second["sites"]] == [
+        site["metrics"] for site in first["sites"]
+    ]
+
+    arguments[arguments.index(str(model_folders / "second"))] = str(model_folders / "third")
+    arguments[arguments.index("150")] = "300"
+    assert main(arguments) == 2
+    assert "recording.corpus_tokens: recorded 150, this run 300" in capsys.readouterr().err
