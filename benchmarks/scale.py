@@ -15,9 +15,10 @@ models and measures, on the sites of a q_proj + v_proj LoRA (every layer of Smol
 - peak resident memory (``ru_maxrss``) before recording (models loaded, bare passes done),
   after recording and after fitting. With bounded memory, doubling the corpus leaves them
   unchanged;
-- the wall time of ``fit_bridge_from_shards``: with ridge heads for every site, the part that
-  grows with the corpus, and with the default heads (ridge + residual MLP, 150 steps) for the
-  two sites of layer 0, whose MLP part takes the same time at any corpus size.
+- the wall time of ``fit_bridge_from_shards`` with ridge heads for every site, the part that
+  grows with the corpus.
+- the wall time with the default heads (ridge + residual MLP, 150 steps) for the two sites of
+  layer 0. Their MLP part takes the same time at any corpus size.
 
 The models come from the loracast cache (``~/.cache/loracast/models``); a missing model is
 converted on first use. Each size runs in its own process, so peak memory is not shared.

@@ -451,7 +451,7 @@ def anchor_for(source: nn.Module, target: nn.Module, site: Site, layer_map: list
     """Return the target module (anchor) that matches ``site``, in the mapped layer.
 
     The anchor has the site's role, else the fallback role, else the role's residual-stream
-    writer; a site without a known role, or a target family not in ``FAMILIES``, gets the
+    writer. A site without a known role, or a target family not in ``FAMILIES``, gets the
     mapped layer's output.
     """
     layer = layer_map[site.layer]

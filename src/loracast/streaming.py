@@ -393,7 +393,7 @@ def record_shards(
         The complete manifest.
 
     Raises:
-        ValueError: the folder holds a recording made with other models, corpus, sites or
+        ValueError: the folder contains a recording made with other models, corpus, sites or
             settings; the corpus changed under a finished shard; or the corpus yields no
             aligned position.
     """

@@ -96,7 +96,7 @@ def test_splits_reject_invalid_arguments(arguments):
         arithmetic_splits(**arguments)
 
 
-def test_training_pairs_prepend_space_and_end_with_the_stop_newline():
+def test_training_pairs_end_with_newline():
     examples = [GenerationExample("Question: 347 + 85 =\nAnswer:", "432")]
 
     assert arithmetic_training_pairs(examples) == [("Question: 347 + 85 =\nAnswer:", " 432\n")]
