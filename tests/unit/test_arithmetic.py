@@ -14,6 +14,7 @@ from loracast.eval.arithmetic import (
     evaluate_generation,
     exact_match,
     generate_answers,
+    n_distinct_questions,
 )
 from tests.conftest import build_tiny_gemma3, build_tiny_llama
 
@@ -42,8 +43,8 @@ def test_splits_sizes_and_format():
     assert len(splits.test) == 30
     for example in splits.train + splits.validation + splits.test:
         a, operator, b = _question(example)
-        assert 10 <= a <= 999
-        assert 10 <= b <= 999
+        assert 1 <= a <= 99
+        assert 1 <= b <= 99
         expected = a + b if operator == "+" else a - b
         assert example.answer == str(expected)
 
@@ -66,11 +67,31 @@ def test_splits_disjoint_and_deterministic():
 def test_splits_cover_both_operators_and_negatives():
     splits = arithmetic_splits(seed=0, n_train=200, n_validation=10, n_test=10)
     operators = {_question(example)[1] for example in splits.train}
-    two_digit = [a for a, _, _ in map(_question, splits.train) if a < 100]
+    lengths = {len(str(a)) for a, _, _ in map(_question, splits.train)}
 
     assert operators == {"+", "-"}
     assert any(example.answer.startswith("-") for example in splits.train)
-    assert two_digit
+    assert lengths == {1, 2}
+
+
+def test_splits_with_larger_operands():
+    splits = arithmetic_splits(
+        seed=2, n_train=200, n_validation=10, n_test=10, operand_digits=(2, 3)
+    )
+    operands = [value for example in splits.train for value in _question(example)[::2]]
+
+    assert min(operands) >= 10
+    assert max(operands) <= 999
+    assert {len(str(value)) for value in operands} == {2, 3}
+
+
+def test_distinct_question_counts():
+    # Two operators and 99 (1..99) or 990 (10..999) values for each operand.
+    assert n_distinct_questions() == 2 * 99 * 99
+    assert n_distinct_questions((2, 3)) == 2 * 990 * 990
+    with pytest.raises(ValueError, match="19602 distinct"):
+        arithmetic_splits(n_train=19_000, n_validation=400, n_test=400)
+    assert len(arithmetic_splits(n_train=19_000, n_test=400, operand_digits=(2, 3)).train) == 19_000
 
 
 def test_test_split_independent_of_other_counts():
@@ -89,6 +110,10 @@ def test_test_split_independent_of_other_counts():
         {"n_test": 2.5},
         {"n_test": True},
         {"n_train": 2_000_000},
+        {"operand_digits": ()},
+        {"operand_digits": (0, 1)},
+        {"operand_digits": (2, 2)},
+        {"operand_digits": 2},
     ],
 )
 def test_splits_reject_invalid_arguments(arguments):

@@ -1,10 +1,17 @@
-"""Two- and three-digit addition and subtraction, scored by exact match of a greedy generation.
+"""Addition and subtraction of small integers, scored by exact match of a greedy generation.
 
-Each question is ``"Question: {a} {op} {b} =\\nAnswer:"`` with operands from 10 to 999 and
-``op`` either ``+`` or ``-``. The expected completion is a space and the result, e.g. ``" 432"``
-or ``" -262"``, because subtraction may give a negative number. The model generates greedily
-after the prompt, the generated text is cut at the first newline, and a prediction is correct
-when it equals the answer after stripping whitespace.
+Each question is ``"Question: {a} {op} {b} =\\nAnswer:"`` with ``op`` either ``+`` or ``-``. By
+default each operand has 1 or 2 digits (1 to 99); ``operand_digits=(2, 3)`` asks for 10 to 999.
+The expected completion is a space and the result, e.g. ``" 43"`` or ``" -26"``, because
+subtraction may give a negative number. The model generates greedily after the prompt, the
+generated text is cut at the first newline, and a prediction is correct when it equals the
+answer after stripping whitespace.
+
+The default is 1 or 2 digits because the benchmark models do not learn 2- or 3-digit questions
+from 400 examples with the benchmark's LoRA recipe. Gemma-3-270M reached 0.025 exact match
+after one epoch (200 questions), 0.021 after three epochs at a learning rate of 3e-3 and 0.062
+after one epoch of 1,200 examples (96 questions each). On 96 questions with 1 or 2 digits it
+went from 0.010 to 0.396 after one epoch of 400 examples.
 
 The generation helpers (``generate_answers``, ``exact_match``, ``evaluate_generation``) work for
 any ``GenerationExample`` task, not only arithmetic.
@@ -31,10 +38,10 @@ logger = logging.getLogger(__name__)
 
 ARITHMETIC_PROMPT_TEMPLATE = "Question: {a} {op} {b} =\nAnswer:"
 ARITHMETIC_OPERATORS = ("+", "-")
-# Each operand has 2 or 3 digits with equal probability, then a uniform value of that length.
-OPERAND_RANGES = ((10, 99), (100, 999))
-# Two operators and 990 values for each operand.
-N_DISTINCT_QUESTIONS = len(ARITHMETIC_OPERATORS) * 990 * 990
+# Each operand first draws one of these digit counts with equal probability, then a uniform
+# value with that many digits.
+DEFAULT_OPERAND_DIGITS = (1, 2)
+MAX_OPERAND_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,33 @@ def format_arithmetic_prompt(a: int, operator: str, b: int) -> str:
     return ARITHMETIC_PROMPT_TEMPLATE.format(a=a, op=operator, b=b)
 
 
-def _draw_operand(rng: random.Random) -> int:
-    low, high = OPERAND_RANGES[rng.randrange(len(OPERAND_RANGES))]
+def operand_range(digits: int) -> tuple[int, int]:
+    """Return the smallest and largest operand with ``digits`` digits: 1..9, 10..99, 100..999."""
+    return (1 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def _check_operand_digits(operand_digits: object) -> tuple[int, ...]:
+    digits = tuple(operand_digits) if isinstance(operand_digits, (list, tuple)) else ()
+    valid = all(
+        not isinstance(d, bool) and isinstance(d, int) and 1 <= d <= MAX_OPERAND_DIGITS
+        for d in digits
+    )
+    if not digits or not valid or len(set(digits)) != len(digits):
+        raise ValueError(
+            f"operand_digits must be a non-empty tuple of distinct integers from 1 to "
+            f"{MAX_OPERAND_DIGITS}, got {operand_digits!r}; for example (1, 2) or (2, 3)"
+        )
+    return digits
+
+
+def n_distinct_questions(operand_digits: Sequence[int] = DEFAULT_OPERAND_DIGITS) -> int:
+    """Return how many distinct questions ``arithmetic_splits`` can draw with these digit counts."""
+    values = sum(high - low + 1 for low, high in map(operand_range, operand_digits))
+    return len(ARITHMETIC_OPERATORS) * values * values
+
+
+def _draw_operand(rng: random.Random, operand_digits: tuple[int, ...]) -> int:
+    low, high = operand_range(operand_digits[rng.randrange(len(operand_digits))])
     return rng.randint(low, high)
 
 
@@ -97,40 +129,48 @@ def _check_count(name: str, value: object) -> None:
 
 
 def arithmetic_splits(
-    seed: int = 0, n_train: int = 400, n_validation: int = 200, n_test: int = 200
+    seed: int = 0,
+    n_train: int = 400,
+    n_validation: int = 200,
+    n_test: int = 200,
+    operand_digits: Sequence[int] = DEFAULT_OPERAND_DIGITS,
 ) -> TaskSplits:
     """Generate disjoint train, validation and test splits of arithmetic questions.
 
     Questions are drawn with ``random.Random(seed)``. Each question picks ``+`` or ``-`` with
-    equal probability, and each operand has 2 or 3 digits with equal probability and is then
-    uniform over 10..99 or 100..999. A question already drawn is drawn again, so no
-    ``(a, op, b)`` appears twice in or across splits. The test split is drawn first, then
-    validation, then train, so the test split depends only on ``seed`` and ``n_test``. The same
-    arguments always give the same splits.
+    equal probability, and each operand draws one of ``operand_digits`` with equal probability
+    and is then uniform over the values with that many digits (1..9 for one digit). A question
+    already drawn is drawn again, so no ``(a, op, b)`` appears twice in or across splits. The
+    test split is drawn first, then validation, then train, so the test split depends only on
+    ``seed``, ``n_test`` and ``operand_digits``. The same arguments always give the same splits.
 
     Args:
         seed: any integer, which selects the questions.
         n_train: the number of training examples.
         n_validation: the number of validation examples.
         n_test: the number of test examples.
+        operand_digits: the digit counts an operand may have, e.g. ``(1, 2)`` or ``(2, 3)``.
 
     Returns:
         Splits of ``GenerationExample`` whose answers are the results as decimal strings
-        without a leading space, e.g. ``"432"`` or ``"-262"``.
+        without a leading space, e.g. ``"43"`` or ``"-26"``.
 
     Raises:
         ValueError: a count is not a positive integer, the counts add up to more than the
-            1,960,200 distinct questions, or ``seed`` is not an integer.
+            distinct questions there are (19,602 for 1 or 2 digits), ``seed`` is not an
+            integer, or ``operand_digits`` is not a tuple of distinct integers from 1 to 6.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     for name, value in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)):
         _check_count(name, value)
+    digits = _check_operand_digits(operand_digits)
     total = n_train + n_validation + n_test
-    if total > N_DISTINCT_QUESTIONS:
+    available = n_distinct_questions(digits)
+    if total > available:
         raise ValueError(
-            f"n_train + n_validation + n_test is {total}, but there are only "
-            f"{N_DISTINCT_QUESTIONS} distinct questions; request fewer examples"
+            f"n_train + n_validation + n_test is {total}, but operand_digits={digits} gives "
+            f"only {available} distinct questions; request fewer examples or more digits"
         )
 
     # Duplicates are redrawn. That is cheap while the splits use a small share of all questions.
@@ -141,7 +181,7 @@ def arithmetic_splits(
         examples: list[GenerationExample] = []
         while len(examples) < size:
             operator = ARITHMETIC_OPERATORS[rng.randrange(len(ARITHMETIC_OPERATORS))]
-            a, b = _draw_operand(rng), _draw_operand(rng)
+            a, b = _draw_operand(rng, digits), _draw_operand(rng, digits)
             if (a, operator, b) in seen:
                 continue
             seen.add((a, operator, b))
@@ -156,7 +196,7 @@ def arithmetic_splits(
 def arithmetic_training_pairs(examples: Sequence[GenerationExample]) -> list[tuple[str, str]]:
     """Turn examples into ``(prompt, completion)`` pairs for ``loracast.train.train_lora``.
 
-    The completion is a space, the answer and a newline, e.g. ``" 432\\n"``. The newline teaches
+    The completion is a space, the answer and a newline, e.g. ``" 43\\n"``. The newline teaches
     the model where to stop: generations are cut at the first newline, so a model trained on
     the bare answer keeps writing after a right result (``" 149 = "``) and never matches.
     """
