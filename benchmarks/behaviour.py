@@ -330,6 +330,15 @@ def write_report(document: dict, out: Path) -> None:
         lines += [
             f"## {result['direction']}, {result['task']} ({result['n_test']} test examples)",
             "",
+        ]
+        if "run" in result:
+            run_info = result["run"]
+            lines += [
+                f"Command: `{run_info['command']}`, commit {run_info['commit']}, "
+                f"{run_info['date']}, {run_info['wall_seconds']} s.",
+                "",
+            ]
+        lines += [
             "| method | data it sees | accuracy | gain recovered | 95% interval | negative flips"
             " | push | behaviour cosine | general bpb change | train s |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -345,6 +354,22 @@ def write_report(document: dict, out: Path) -> None:
             )
         lines.append("")
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
+
+
+def _other_directions(path: Path, result: dict, quick: bool) -> list[dict]:
+    """Return the results of the other direction from an earlier report of the same mode.
+
+    Each direction is a separate command, so the report keeps the direction not rerun, with the
+    command, commit and date that produced it.
+    """
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("quick") != quick:
+        return []
+    return [
+        other for other in earlier.get("results", []) if other["direction"] != result["direction"]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "plan": asdict(plan),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": [result],
     }
+    result["run"] = {key: document[key] for key in ("date", "commit", "command", "wall_seconds")}
+    document["results"] = [*_other_directions(out / "behaviour.json", result, args.quick), result]
     out.mkdir(parents=True, exist_ok=True)
     write_report(document, out)
     print(f"report written to {out}")

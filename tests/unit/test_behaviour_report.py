@@ -1,0 +1,79 @@
+"""The behaviour report keeps the direction that was not rerun (benchmarks/behaviour.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_behaviour():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_behaviour", ROOT / "benchmarks" / "behaviour.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(direction: str, command: str) -> dict:
+    row = {
+        "method": "target-base",
+        "data": "none",
+        "score": 0.4,
+        "gain_recovered": 0.0,
+        "gain_recovered_ci": [0.0, 0.0],
+        "negative_flips": 0,
+        "push_toward_correct_label": 0.0,
+    }
+    return {
+        "direction": direction,
+        "task": "sentiment",
+        "n_test": 10,
+        "runs": [row],
+        "run": {"date": "2026-12-05", "commit": "abc", "command": command, "wall_seconds": 1.0},
+    }
+
+
+def _document(results: list[dict], quick: bool = False) -> dict:
+    return {
+        "machine": "test",
+        "date": "2026-12-05",
+        "commit": "abc",
+        "command": "python benchmarks/behaviour.py",
+        "quick": quick,
+        "plan": {},
+        "wall_seconds": 1.0,
+        "results": results,
+    }
+
+
+def test_report_keeps_the_other_direction(tmp_path):
+    behaviour = _load_behaviour()
+    forward = _result("a->b", "python benchmarks/behaviour.py")
+    behaviour.write_report(_document([forward]), tmp_path)
+
+    reverse = _result("b->a", "python benchmarks/behaviour.py --direction reverse")
+    other_results = behaviour._other_directions(tmp_path / "behaviour.json", reverse, quick=False)
+    behaviour.write_report(_document([*other_results, reverse]), tmp_path)
+
+    saved = json.loads((tmp_path / "behaviour.json").read_text())
+    page = (tmp_path / "behaviour.md").read_text()
+    assert [result["direction"] for result in saved["results"]] == ["a->b", "b->a"]
+    assert "## a->b, sentiment" in page
+    assert "## b->a, sentiment" in page
+    assert "`python benchmarks/behaviour.py --direction reverse`" in page
+
+
+def test_merge_skips_same_direction_and_mode(tmp_path):
+    behaviour = _load_behaviour()
+    path = tmp_path / "behaviour.json"
+    behaviour.write_report(_document([_result("a->b", "old")], quick=True), tmp_path)
+
+    assert behaviour._other_directions(path, _result("b->a", "new"), quick=False) == []
+    assert behaviour._other_directions(path, _result("a->b", "new"), quick=True) == []
+    assert behaviour._other_directions(tmp_path / "missing.json", _result("a->b", "x"), False) == []
