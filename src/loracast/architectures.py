@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -437,6 +437,63 @@ def relative_depth_layer_map(source_layers: int, target_layers: int) -> list[int
         return [0]
     ratio = (target_layers - 1) / (source_layers - 1)
     return [int(round(layer * ratio)) for layer in range(source_layers)]
+
+
+def _matches_target(module_name: str, target: str) -> bool:
+    # PEFT's rule for a list of target modules: the whole name, or a suffix after a dot.
+    return module_name == target or module_name.endswith("." + target)
+
+
+def lora_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Return LoRA target modules for ``model``, mapping Llama-style names to its family's.
+
+    Names that match a module of ``model`` (as PEFT matches them) are kept. A name that matches
+    none but is a Llama-style projection name (``q_proj``, ``v_proj``, ``gate_proj``, ...) is
+    replaced by the module of ``model``'s family with the same role, such as GPT-2's
+    ``attn.c_attn`` for ``q_proj``. A fused module covers several roles, so a LoRA on it also
+    changes the roles that share it.
+
+    Raises:
+        ValueError: no name matches a module of ``model``, even after mapping.
+    """
+    names = [name for name, _ in model.named_modules()]
+    family = family_of(model)
+    llama_roles = {path.rsplit(".", 1)[-1]: role for role, path in _LLAMA_LIKE.modules.items()}
+    resolved: list[str] = []
+    for target in targets:
+        mapped = target
+        if not any(_matches_target(name, target) for name in names):
+            role = llama_roles.get(target)
+            placed = family.place(role) if family is not None and role is not None else None
+            if placed is None:
+                logger.warning(
+                    "LoRA target %r matches no module of this %s model; skipped",
+                    target,
+                    family_name(model),
+                )
+                continue
+            mapped = placed[0]
+            logger.info("LoRA target %r is %r in this %s model", target, mapped, family_name(model))
+        if mapped not in resolved:
+            resolved.append(mapped)
+    if not resolved:
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if linear_shape(module) is not None
+            }
+        )
+        raise ValueError(
+            f"none of the LoRA target modules {list(targets)} is in this "
+            f"{family_name(model)} model; pass module names from its linear layers: {linear}"
+        )
+    return resolved
+
+
+def family_name(model: nn.Module) -> str:
+    """Return the model's ``model_type``, or its class name when the config has none."""
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
 
 def _place(family: Family, role: str) -> tuple[str, str | None] | None:

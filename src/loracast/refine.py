@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from loracast.adapters import Kernel
 from loracast.align import aligned_positions, encode, truncate_text
-from loracast.architectures import Site, output_rows
+from loracast.architectures import Site, lora_target_modules, output_rows
 from loracast.capture import decoder_of
 from loracast.cartridge import Cartridge
 from loracast.models import LoadedModel
@@ -504,7 +504,7 @@ def distil_lora(
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=2 * config.lora_rank,
-        target_modules=list(config.lora_modules),
+        target_modules=lora_target_modules(target.model, config.lora_modules),
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
         base_model_name_or_path=target.name,

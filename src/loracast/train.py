@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from loracast.architectures import lora_target_modules
 from loracast.eval.classification import (
     completion_token_log_probs,
     encode_completions,
@@ -62,7 +63,9 @@ class LoraRecipe:
         r: the LoRA rank.
         lora_alpha: the LoRA scaling numerator. The update is scaled by ``lora_alpha / r``.
         lora_dropout: dropout on the LoRA input during training, in [0, 1).
-        target_modules: module name suffixes that get LoRA, e.g. ``("q_proj", "v_proj")``.
+        target_modules: module name suffixes that get LoRA, e.g. ``("q_proj", "v_proj")``. In a
+            family with other names, a Llama-style name means the module with the same role,
+            such as GPT-2's fused ``attn.c_attn`` (see ``architectures.lora_target_modules``).
         learning_rate: the AdamW learning rate, constant for the whole run.
         epochs: passes over the training examples.
         batch_size: examples per optimizer step.
@@ -388,7 +391,7 @@ def train_lora(
         r=recipe.r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
-        target_modules=list(recipe.target_modules),
+        target_modules=lora_target_modules(model, recipe.target_modules),
         bias="none",
     )
 

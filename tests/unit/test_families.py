@@ -20,6 +20,7 @@ from loracast.architectures import (
     family_of,
     layers_path,
     linear_shape,
+    lora_target_modules,
     num_layers,
     output_rows,
     parse_site,
@@ -411,3 +412,33 @@ def test_relative_depth_with_new_layer_lists():
     gpt2 = build_tiny_family("gpt2", VOCAB, layers=3)
     opt = build_tiny_family("opt", VOCAB, layers=2)
     assert relative_depth_layer_map(num_layers(gpt2), num_layers(opt)) == [0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("llama", ["q_proj", "v_proj"]),
+        ("opt", ["q_proj", "v_proj"]),
+        ("gpt2", ["attn.c_attn"]),
+        ("gpt_neox", ["attention.query_key_value"]),
+        ("falcon", ["self_attention.query_key_value"]),
+        ("phi3", ["self_attn.qkv_proj"]),
+    ],
+)
+def test_lora_targets_follow_family(name, expected):
+    model = build_tiny_family(name, vocab_size=64)
+
+    assert lora_target_modules(model, ("q_proj", "v_proj")) == expected
+
+
+def test_lora_targets_keep_present_names():
+    model = build_tiny_family("gpt2", vocab_size=64)
+
+    assert lora_target_modules(model, ("c_proj", "down_proj")) == ["c_proj", "mlp.c_proj"]
+
+
+def test_lora_targets_reject_unknown_names():
+    model = build_tiny_family("gpt2", vocab_size=64)
+
+    with pytest.raises(ValueError, match="c_attn"):
+        lora_target_modules(model, ("query",))

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from loracast.eval.classification import score_choices
 from loracast.train import LoraRecipe, _tokenize_examples, train_lora
+from tests.conftest import build_tiny_family
 
 WORDS = (
     "tweet sentiment positive negative neutral the flight was late again great crew "
@@ -328,3 +329,14 @@ def test_tokenize_matches_scoring(tokenizer):
 
     assert ids == prompt_ids + completion_ids
     assert prompt_length == len(prompt_ids)
+
+
+def test_train_lora_maps_targets_for_gpt2(tokenizer, tmp_path):
+    model = build_tiny_family("gpt2", len(tokenizer))
+
+    out = train_lora(model, tokenizer, MEMORISE, FAST, tmp_path / "adapter", show_progress=False)
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    weights = load_file(out / "adapter_model.safetensors")
+    assert config["target_modules"] == ["attn.c_attn"]
+    assert any("c_attn.lora_A" in key for key in weights)
