@@ -204,22 +204,29 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     from loracast.cartridge import Cartridge
     from loracast.eval.configurations import evaluate_configurations, format_rows
-    from loracast.eval.sentiment import sentiment_splits
+    from loracast.eval.tasks import load_task
 
-    if args.task != "sentiment":
-        raise ValueError(f"unknown task {args.task!r}; available: sentiment")
     if args.adapter and not args.source:
         raise ValueError("--adapter needs --source, the model the adapter was trained on")
-    splits = sentiment_splits(seed=args.split_seed)
-    examples = getattr(splits, args.split)[: args.limit]
+    if args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    task = load_task(args.task, seed=args.split_seed)
+    examples = task.split(args.split)[: args.limit]
     source = _load(args, args.source) if args.source else None
     target = _load(args, args.target)
     cartridge = Cartridge.load(args.cartridge, target=target) if args.cartridge else None
     rows = evaluate_configurations(
-        source, target, args.adapter, cartridge, examples, show_progress=not args.quiet
+        source,
+        target,
+        args.adapter,
+        cartridge,
+        examples,
+        task=task,
+        show_progress=not args.quiet,
     )
-    print(f"Tweet sentiment, {args.split} split, {len(examples)} examples")
-    print(format_rows(rows))
+    better = "higher" if task.higher_is_better else "lower"
+    print(f"{task.name}, {args.split} split, {len(examples)} examples ({better} is better)")
+    print(format_rows(rows, task.metric))
     return 0
 
 
@@ -484,7 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_info)
 
     evaluate = commands.add_parser("eval", help="score a task on base, adapter and cartridge")
-    evaluate.add_argument("--task", required=True, choices=["sentiment"], help="task to score")
+    evaluate.add_argument(
+        "--task",
+        required=True,
+        help="sentiment, arithmetic, shakespeare, or a .jsonl file of a user task",
+    )
     evaluate.add_argument("--target", required=True, help="target model")
     evaluate.add_argument("--cartridge", default=None, help="cartridge folder for the target")
     evaluate.add_argument("--source", default=None, help="source model (adds its rows)")

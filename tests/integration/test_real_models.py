@@ -78,4 +78,4 @@ def test_real_transfer_end_to_end(models, tmp_path):
         "target + cartridge",
     ]
     for row in rows:
-        assert 0.0 <= row.accuracy <= 1.0
+        assert 0.0 <= row.score <= 1.0

@@ -197,3 +197,56 @@ def test_transfer_with_record_dir_reuses_recording(model_folders, capsys, caplog
     arguments[arguments.index("150")] = "300"
     assert main(arguments) == 2
     assert "recording.corpus_tokens: recorded 150, this run 300" in capsys.readouterr().err
+
+
+def _eval_args(folder, task, *extra):
+    return [
+        "-q",
+        "eval",
+        "--task",
+        str(task),
+        "--source",
+        str(folder / "source"),
+        "--adapter",
+        str(folder / "adapter"),
+        "--target",
+        str(folder / "target"),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_eval_arithmetic_rows(model_folders, capsys):
+    assert main(_eval_args(model_folders, "arithmetic", "--limit", "6")) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    assert lines[0] == "arithmetic, test split, 6 examples (higher is better)"
+    assert "exact match" in lines[1]
+    assert [line.split("  ")[0] for line in lines[2:]] == [
+        "source base",
+        "source + adapter",
+        "target base",
+    ]
+
+
+def test_eval_user_language_modeling_task(model_folders, capsys):
+    task = model_folders / "passages.jsonl"
+    task.write_text(
+        "".join(json.dumps({"text": f"Passage {i} about markets."}) + "\n" for i in range(4))
+    )
+
+    assert main(_eval_args(model_folders, task, "--split", "validation")) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    assert lines[0] == "passages, validation split, 2 examples (lower is better)"
+    assert "bits per byte" in lines[1]
+    assert len(lines) == 5
+
+
+def test_eval_rejects_unknown_task(model_folders, capsys):
+    assert main(_eval_args(model_folders, "poetry")) == 2
+    error = capsys.readouterr().err
+
+    assert "unknown task 'poetry'" in error
+    assert "arithmetic" in error

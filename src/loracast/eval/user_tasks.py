@@ -313,34 +313,37 @@ def load_user_task(
     return task
 
 
-def _classification_accuracy(
+def classification_correct(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[ChoiceExample],
-    batch_size: int,
-    show_progress: bool,
-) -> float:
-    """Score examples that share a choice list together, then return the overall accuracy."""
-    groups: dict[tuple[str, ...], list[ChoiceExample]] = {}
-    for example in examples:
-        groups.setdefault(example.choices, []).append(example)
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> list[bool]:
+    """Return whether the most likely choice of each example is its label, in input order.
 
-    correct = 0
-    for choices, group in groups.items():
+    Examples that share a choice list are scored together.
+    """
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(example.choices, []).append(index)
+
+    correct = [False] * len(examples)
+    for choices, indices in groups.items():
         scores = score_choices(
             model,
             tokenizer,
-            [example.prompt for example in group],
+            [examples[index].prompt for index in indices],
             choices,
             batch_size=batch_size,
             show_progress=show_progress,
-        )  # (len(group), len(choices))
-        predicted = scores.argmax(dim=1).tolist()
-        correct += sum(int(p == example.label) for p, example in zip(predicted, group, strict=True))
-    return correct / len(examples)
+        )  # (len(indices), len(choices))
+        for index, predicted in zip(indices, scores.argmax(dim=1).tolist(), strict=True):
+            correct[index] = predicted == examples[index].label
+    return correct
 
 
-def _default_max_new_tokens(
+def default_max_new_tokens(
     tokenizer: PreTrainedTokenizerBase, examples: Sequence[GenerationExample]
 ) -> int:
     answers = [" " + example.answer.strip() for example in examples]
@@ -398,10 +401,11 @@ def evaluate_user_task(
         batch_size = 4 if kind == LANGUAGE_MODELING else 8
 
     if kind == CLASSIFICATION:
-        return _classification_accuracy(model, tokenizer, examples, batch_size, show_progress)
+        correct = classification_correct(model, tokenizer, examples, batch_size, show_progress)
+        return sum(correct) / len(correct)
     if kind == GENERATION:
         if max_new_tokens is None:
-            max_new_tokens = _default_max_new_tokens(tokenizer, examples)
+            max_new_tokens = default_max_new_tokens(tokenizer, examples)
         return evaluate_generation(
             model,
             tokenizer,
