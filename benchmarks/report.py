@@ -169,7 +169,7 @@ TASK_NOTES = [
     "  where to stop. Without it the adapters wrote right results followed by more text",
     '  (`" 149 = "`), and every row scored near 0. The task design asked for 2- or 3-digit',
     "  operands, but with this recipe Gemma-3 learned them only to 0.025 exact match (SmolLM2",
-    "  0.195), too small a gain to measure a transfer against; on 1- or 2-digit operands it",
+    "  0.195), too small a gain to measure a transfer against. On 1- or 2-digit operands it",
     "  reached 0.396 on validation questions (`loracast.eval.arithmetic` has the probes).",
     "- **shakespeare**: passages of 200–500 characters from the plays, split by play, scored in",
     "  bits per byte of the whole passage (tokenizer-independent, lower is better).",
