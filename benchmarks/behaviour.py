@@ -4,6 +4,8 @@ Usage:
     python benchmarks/behaviour.py                       # SmolLM2 -> Gemma-3, sentiment
     python benchmarks/behaviour.py --direction reverse   # Gemma-3 -> SmolLM2
     python benchmarks/behaviour.py --quick               # smoke test; numbers mean nothing
+    python benchmarks/behaviour.py --corpus-sizes 1000 2000 4000
+                                   # add gain recovered against the amount of general text
 
 It reuses the main benchmark's cached adapters and bridges (``benchmarks/run.py`` trains and fits
 them when missing) and adds, for the sentiment task:
@@ -215,7 +217,23 @@ def _evaluate_all(source, target, source_adapter, retrained, cartridge, students
     return evaluations, bpb
 
 
-def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) -> dict:
+@dataclass
+class Setup:
+    """Models, adapters, bridge and splits shared by the main run and the ablations."""
+
+    source: object
+    target: object
+    passages: list[str]
+    held_out: list[str]
+    test: list
+    source_adapter: Path
+    retrained: Path
+    kernels: dict
+    cartridge: Cartridge
+    shared: object
+
+
+def _setup(direction: str, settings: Settings, cache: Path) -> Setup:
     source_name, target_name = MODELS if direction == "forward" else MODELS[::-1]
     source, target = load_model(source_name), load_model(target_name)
     corpus = load_corpus(settings.corpus, max_passages=settings.max_passages + HELD_OUT_PASSAGES)
@@ -223,7 +241,6 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
     passages, held_out = corpus[: settings.max_passages], corpus[settings.max_passages :]
     task = TASKS["sentiment"]
     train, test = task.splits(0, *settings.sizes("sentiment"))
-    validation = task_validation(plan)
     source_adapter, _ = _train_adapter(source, task, train, settings, cache)
     retrained, _ = _train_adapter(target, task, train, settings, cache)
     kernels = load_adapter(source_adapter).kernels
@@ -235,8 +252,26 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
         settings,
         cache,
     )
-    cartridge = build_cartridge(bridges[DEFAULT_BRIDGE], load_adapter(source_adapter))
-    shared = shared_vocabulary(source.tokenizer, target.tokenizer)
+    return Setup(
+        source=source,
+        target=target,
+        passages=passages,
+        held_out=held_out,
+        test=test,
+        source_adapter=source_adapter,
+        retrained=retrained,
+        kernels=kernels,
+        cartridge=build_cartridge(bridges[DEFAULT_BRIDGE], load_adapter(source_adapter)),
+        shared=shared_vocabulary(source.tokenizer, target.tokenizer),
+    )
+
+
+def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) -> dict:
+    setup = _setup(direction, settings, cache)
+    source, target, cartridge = setup.source, setup.target, setup.cartridge
+    passages, held_out, test, shared = setup.passages, setup.held_out, setup.test, setup.shared
+    kernels, source_adapter, retrained = setup.kernels, setup.source_adapter, setup.retrained
+    validation = task_validation(plan)
     students = _students(source, target, kernels, cartridge, passages, plan, out, shared)
 
     evaluations, bpb = _evaluate_all(
@@ -293,13 +328,68 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
         )
     )
     return {
-        "direction": f"{source_name}->{target_name}",
+        "direction": f"{source.name}->{target.name}",
         "task": "sentiment",
         "n_test": len(test),
         "held_out_general_passages": len(held_out),
         "shared_vocabulary": len(shared),
         "runs": rows,
     }
+
+
+def run_corpus_sizes(
+    direction: str, sizes: list[int], plan: Plan, settings: Settings, cache: Path, out: Path
+) -> list[dict]:
+    """Gain recovered of the strict-setting distilled LoRA against the amount of general text.
+
+    Each size caps the teacher's aligned positions, held-out ones included. Steps, batch size
+    and learning rate stay the plan's, so only the variety of text changes between rows.
+    """
+    setup = _setup(direction, settings, cache)
+    target = setup.target
+
+    def sentiment(model):
+        return _sentiment(model, target.tokenizer, setup.test)[0]
+
+    base = sentiment(target.model)
+    reference = _with_adapter(target, setup.retrained, sentiment)
+    labels = torch.tensor(base.labels)
+    rows = []
+    for size in sizes:
+        config = RefineConfig(
+            text="general",
+            max_positions=size,
+            steps=plan.steps,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate,
+        )
+        started = time.perf_counter()
+        teacher = build_teacher(
+            setup.source, target, setup.kernels, setup.passages, setup.shared, config
+        )
+        folder = out / f"distilled-lora-general-{size}"
+        report = distil_lora(target, teacher, setup.shared, folder, config)
+        seconds = time.perf_counter() - started
+        result = _with_adapter(target, folder, sentiment)
+        bpb_change = _with_adapter(
+            target, folder, lambda model: _bits_per_byte(model, target.tokenizer, setup.held_out)
+        ) - _bits_per_byte(target.model, target.tokenizer, setup.held_out)
+        rows.append(
+            _row(
+                "distilled-lora-general",
+                result.scores,
+                labels,
+                base.scores,
+                reference.scores,
+                DATA["general"],
+                positions=report.positions,
+                passages=len(teacher.texts),
+                train_seconds=round(seconds, 1),
+                behaviour_cosine=report.best["behaviour_cosine"],
+                general_bpb_change=bpb_change,
+            )
+        )
+    return rows
 
 
 def task_validation(plan: Plan):
@@ -353,7 +443,36 @@ def write_report(document: dict, out: Path) -> None:
                 f"{_fmt(row.get('general_bpb_change'), 4)} | {_fmt(row.get('train_seconds'), 0)} |"
             )
         lines.append("")
+        if "corpus_size" in result:
+            lines += _corpus_size_lines(result["corpus_size"])
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
+
+
+def _corpus_size_lines(ablation: dict) -> list[str]:
+    run_info = ablation["run"]
+    lines = [
+        "### Gain recovered against the amount of general text",
+        "",
+        "The strict-setting distilled LoRA, with the plan's steps, batch size and learning",
+        "rate; only the number of aligned positions the teacher covers changes. "
+        f"Command: `{run_info['command']}`, commit {run_info['commit']}, {run_info['date']}, "
+        f"{run_info['wall_seconds']} s.",
+        "",
+        "| aligned positions | passages | accuracy | gain recovered | 95% interval | push"
+        " | behaviour cosine | general bpb change | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ablation["rows"]:
+        interval = row["gain_recovered_ci"]
+        lines.append(
+            f"| {row['positions']} | {row['passages']} | {_fmt(row['score'])} | "
+            f"{_fmt(row['gain_recovered'], 2)} | [{interval[0]:.2f}, {interval[1]:.2f}] | "
+            f"{_fmt(row['push_toward_correct_label'], 2)} | "
+            f"{_fmt(row['behaviour_cosine'], 3)} | {_fmt(row['general_bpb_change'], 4)} | "
+            f"{_fmt(row['train_seconds'], 0)} |"
+        )
+    lines.append("")
+    return lines
 
 
 def _other_directions(path: Path, result: dict, quick: bool) -> list[dict]:
@@ -372,6 +491,35 @@ def _other_directions(path: Path, result: dict, quick: bool) -> list[dict]:
     ]
 
 
+def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -> int:
+    """Run the corpus-size rows and store them beside the main comparison of the direction."""
+    out = Path(args.out)
+    path = out / "behaviour.json"
+    document = json.loads(path.read_text()) if path.exists() else None
+    source_name, target_name = MODELS if args.direction == "forward" else MODELS[::-1]
+    direction = f"{source_name}->{target_name}"
+    results = [] if document is None else document["results"]
+    result = next((item for item in results if item["direction"] == direction), None)
+    if result is None or document.get("quick") != args.quick:
+        raise SystemExit(
+            f"{path} has no {'quick ' if args.quick else ''}result for {direction}. Run "
+            f"`python benchmarks/behaviour.py --direction {args.direction}` first"
+        )
+    rows = run_corpus_sizes(args.direction, args.corpus_sizes, plan, settings, cache, artifacts)
+    result["corpus_size"] = {
+        "rows": rows,
+        "run": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit,
+            "command": " ".join(["python", "benchmarks/behaviour.py", *sys.argv[1:]]),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+    write_report(document, out)
+    print(f"report written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward")
@@ -382,6 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--template-passages", type=int, default=None, help="passages filled into the template"
+    )
+    parser.add_argument(
+        "--corpus-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead of the main comparison, train the strict-setting distilled LoRA on this many "
+        "aligned positions of general text per row and add the rows to the existing report",
     )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
@@ -403,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = cache / "behaviour" / args.direction
     artifacts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.corpus_sizes:
+        return _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started)
     result = run(args.direction, plan, settings, cache, artifacts)
     document = {
         "machine": _machine(),

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -77,3 +79,51 @@ def test_merge_skips_same_direction_and_mode(tmp_path):
     assert behaviour._other_directions(path, _result("b->a", "new"), quick=False) == []
     assert behaviour._other_directions(path, _result("a->b", "new"), quick=True) == []
     assert behaviour._other_directions(tmp_path / "missing.json", _result("a->b", "x"), False) == []
+
+
+def _corpus_size_row(positions: int, gain: float) -> dict:
+    return {
+        "method": "distilled-lora-general",
+        "positions": positions,
+        "passages": positions // 90,
+        "score": 0.4 + gain / 10,
+        "gain_recovered": gain,
+        "gain_recovered_ci": [gain - 0.1, gain + 0.1],
+        "push_toward_correct_label": 0.1,
+        "behaviour_cosine": 0.2,
+        "general_bpb_change": 0.01,
+        "train_seconds": 12.0,
+    }
+
+
+def test_report_renders_corpus_sizes(tmp_path):
+    behaviour = _load_behaviour()
+    forward = _result("a->b", "python benchmarks/behaviour.py")
+    forward["corpus_size"] = {
+        "rows": [_corpus_size_row(1000, 0.1), _corpus_size_row(4000, 0.3)],
+        "run": {
+            "date": "2026-12-05",
+            "commit": "abc",
+            "command": "python benchmarks/behaviour.py --corpus-sizes 1000 4000",
+            "wall_seconds": 2.0,
+        },
+    }
+    behaviour.write_report(_document([forward]), tmp_path)
+
+    page = (tmp_path / "behaviour.md").read_text()
+    assert "against the amount of general text" in page
+    assert "| 1000 | 11 | 0.410 | 0.10 | [0.00, 0.20] |" in page
+    assert "| 4000 | 44 | 0.430 | 0.30 | [0.20, 0.40] |" in page
+    assert "--corpus-sizes 1000 4000" in page
+
+
+def test_corpus_sizes_need_main_result(tmp_path):
+    behaviour = _load_behaviour()
+    arguments = ["--corpus-sizes", "1000", "--out", str(tmp_path), "--cache-dir", str(tmp_path)]
+
+    with pytest.raises(SystemExit) as raised:
+        behaviour.main(arguments)
+
+    message = str(raised.value)
+    assert "has no result for smollm2-135m-instruct->gemma-3-270m" in message
+    assert "--direction forward` first" in message
