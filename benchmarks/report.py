@@ -227,8 +227,32 @@ def write_report(document: dict, out: Path) -> None:
             _plot_r2(records, f"{direction}: held-out R² per site ({name})", plot)
             lines += [f"![R² {name}](benchmarks/{plot.name})", ""]
         lines += [f"### Costs, {direction}", "", *_cost_lines(costs), ""]
+    lines += _behaviour_section(out)
     lines += _scale_section(out)
     _atomic_write(out / "benchmarks.md", "\n".join(lines) + "\n")
+
+
+def _embedded_page(page: Path) -> list[str]:
+    """Return a page's lines below its title, with its headings moved one level down."""
+    body = page.read_text().splitlines()[1:]
+    return ["#" + line if line.startswith("#") else line for line in body]
+
+
+def _behaviour_section(out: Path) -> list[str]:
+    """Return ``behaviour.md`` (``benchmarks/behaviour.py``) as one more section."""
+    page = out / "behaviour.md"
+    if not page.exists():
+        return []
+    return [
+        "## Behaviour matching",
+        "",
+        "Written by `python benchmarks/behaviour.py`, which runs apart from this benchmark; its",
+        "machine, date and commit are its own. It compares refinements of the default cartridge",
+        "and distilled target LoRAs, trained to match the adapter's change of next-token",
+        "distributions, with the cartridge above and with two controls.",
+        *_embedded_page(page),
+        "",
+    ]
 
 
 def _scale_section(out: Path) -> list[str]:
@@ -236,9 +260,7 @@ def _scale_section(out: Path) -> list[str]:
     page = out / "scale.md"
     if not page.exists():
         return []
-    # Its own title becomes a section title; its subsections move one level down.
-    body = page.read_text().splitlines()[1:]
-    body = ["#" + line if line.startswith("#") else line for line in body]
+    body = _embedded_page(page)
     return [
         "## Running at scale",
         "",

@@ -127,3 +127,16 @@ def test_corpus_sizes_need_main_result(tmp_path):
     message = str(raised.value)
     assert "has no result for smollm2-135m-instruct->gemma-3-270m" in message
     assert "--direction forward` first" in message
+
+
+def test_benchmark_page_embeds_behaviour(tmp_path):
+    behaviour = _load_behaviour()
+    report = sys.modules["report"]
+    assert report._behaviour_section(tmp_path) == []
+
+    behaviour.write_report(_document([_result("a->b", "python benchmarks/behaviour.py")]), tmp_path)
+    section = report._behaviour_section(tmp_path)
+
+    assert section[0] == "## Behaviour matching"
+    assert "### a->b, sentiment (10 test examples)" in section
+    assert not any(line.startswith("# ") for line in section)
