@@ -140,3 +140,35 @@ def test_benchmark_page_embeds_behaviour(tmp_path):
     assert section[0] == "## Behaviour matching"
     assert "### a->b, sentiment (10 test examples)" in section
     assert not any(line.startswith("# ") for line in section)
+
+
+def _student_row(method: str, gain: float, kl: float) -> dict:
+    return {
+        "method": method,
+        "gain_recovered": gain,
+        "gain_recovered_ci": [gain - 0.1, gain + 0.1],
+        "held_out_kl": {"initial": 1.0, "best": kl},
+        "behaviour_cosine": 0.5,
+    }
+
+
+def test_summary_chooses_by_held_out_kl():
+    behaviour = _load_behaviour()
+    cartridge = _student_row("cartridge-mlp-seed0", 0.3, 2.0)
+    cartridge["held_out_kl"] = {"initial": 2.0}
+    cartridge["behaviour_cosine"] = 0.1
+    result = _result("a->b", "python benchmarks/behaviour.py")
+    result["runs"] = [
+        cartridge,
+        _student_row("refined-heads-general", 0.6, 0.4),
+        _student_row("distilled-lora-general", 0.2, 0.3),
+        _student_row("refined-heads-template", 0.1, 0.5),
+    ]
+
+    table_row = behaviour._summary_lines([result])[-2]
+
+    assert table_row.startswith(
+        "| a->b, sentiment | 0.30 [0.20, 0.40] | 0.20 [0.10, 0.30] (distilled)"
+    )
+    assert "| 0.10 [0.00, 0.20] (refined) | not run |" in table_row
+    assert table_row.endswith("| 0.100 → 0.500 |")
