@@ -91,6 +91,7 @@ class Plan:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 1e-3
+    max_grad_norm: float | None = None
     n_validation: int = 200
 
     @classmethod
@@ -163,6 +164,7 @@ def _students(source, target, kernels, cartridge, passages, plan, out, shared):
             steps=plan.steps,
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate,
+            max_grad_norm=plan.max_grad_norm,
             centre_shift=setting == "template-centred",
         )
         started = time.perf_counter()
@@ -362,6 +364,7 @@ def run_corpus_sizes(
             steps=plan.steps,
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate,
+            max_grad_norm=plan.max_grad_norm,
         )
         started = time.perf_counter()
         teacher = build_teacher(
@@ -593,6 +596,15 @@ def main(argv: list[str] | None = None) -> int:
         "--template-passages", type=int, default=None, help="passages filled into the template"
     )
     parser.add_argument(
+        "--learning-rate", type=float, default=None, help="AdamW learning rate of every student"
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip each student's gradient to this total L2 norm (default: no clipping)",
+    )
+    parser.add_argument(
         "--corpus-sizes",
         type=int,
         nargs="+",
@@ -614,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         plan.general_positions = args.general_positions
     if args.template_passages is not None:
         plan.template_passages = args.template_passages
+    if args.learning_rate is not None:
+        plan.learning_rate = args.learning_rate
+    plan.max_grad_norm = args.max_grad_norm
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)

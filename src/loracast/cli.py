@@ -287,6 +287,7 @@ def _refine(args) -> int:
         max_positions=args.max_positions,
         steps=args.steps,
         learning_rate=args.learning_rate,
+        max_grad_norm=args.max_grad_norm,
         centre_shift=args.centre_shift,
     )
     corpus = load_corpus(
@@ -393,6 +394,12 @@ def _add_refine_parser(commands) -> None:
     )
     refining.add_argument("--steps", type=int, default=100, help="optimiser steps")
     refining.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
+    refining.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the gradient to this total L2 norm before each step (default: no clipping)",
+    )
     refining.add_argument(
         "--template",
         default=None,

@@ -70,6 +70,8 @@ class RefineConfig:
         steps: optimiser steps.
         batch_size: passages per step.
         learning_rate: AdamW learning rate of the trained low-rank matrices.
+        max_grad_norm: total L2 norm the gradient is clipped to before each step, or ``None``
+            for no clipping.
         weight_positions: weight each position by KL(P_source+adapter ‖ P_source).
         centre_shift: remove the adapter's mean change over all teacher positions from each
             position's change before tilting, so the student learns how the change varies
@@ -89,6 +91,7 @@ class RefineConfig:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 1e-3
+    max_grad_norm: float | None = None
     weight_positions: bool = True
     centre_shift: bool = False
     eval_every: int = 20
@@ -114,6 +117,8 @@ class RefineConfig:
             )
         if not self.learning_rate > 0:
             errors.append(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            errors.append(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if errors:
             raise ValueError("invalid RefineConfig: " + "; ".join(errors))
 
@@ -420,6 +425,8 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters, config.max_grad_norm)
         optimizer.step()
         if step % config.eval_every == 0 or step == config.steps:
             held_out = evaluate(step, train_kl=loss.item())
@@ -430,6 +437,14 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
         for parameter, kept in zip(student.parameters, best[1], strict=True):
             parameter.copy_(kept)
     report.seconds = time.perf_counter() - started
+    if report.best_step == 0:
+        logger.warning(
+            "%s refinement never lowered the held-out KL below its start (%.4f), so the student "
+            "is unchanged; lower RefineConfig.learning_rate (now %g) or set max_grad_norm",
+            name,
+            report.initial["kl"],
+            config.learning_rate,
+        )
     return report
 
 

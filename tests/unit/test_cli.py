@@ -154,6 +154,8 @@ def test_refine_writes_a_refined_cartridge(model_folders, capsys):
             "4",
             "--template",
             "Note: {text}\nLabel:",
+            "--max-grad-norm",
+            "2.5",
             "--device",
             "cpu",
         ]
@@ -163,6 +165,7 @@ def test_refine_writes_a_refined_cartridge(model_folders, capsys):
     assert "held-out KL" in printed
     config = json.loads((refined / "cartridge.json").read_text())
     assert config["refinement"]["text"] == "template"
+    assert config["refinement"]["report"]["config"]["max_grad_norm"] == 2.5
     assert config["refinement"]["template"] == "Note: {text}\nLabel:"
     assert main(["info", str(refined)]) == 0
 

@@ -164,11 +164,44 @@ def test_distilled_lora_learns_representable_effect(
 
 def test_refine_config_reports_every_error():
     with pytest.raises(ValueError) as error:
-        RefineConfig(text="template", steps=0, learning_rate=-1.0)
+        RefineConfig(text="template", steps=0, learning_rate=-1.0, max_grad_norm=0.0)
     message = str(error.value)
     assert "{text}" in message
     assert "steps" in message
     assert "learning_rate" in message
+    assert "max_grad_norm" in message
+
+
+def test_clipped_refinement_lowers_kl(setup, tiny_source, tiny_target, tiny_corpus):
+    cartridge, adapter, shared = setup
+    config = RefineConfig(learning_rate=1e-2, max_grad_norm=0.5, **QUICK)
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+
+    _, report = refine_cartridge(
+        cartridge, tiny_target, teacher, shared, config, show_progress=False
+    )
+
+    assert report.best_step > 0
+    assert report.best["kl"] < report.initial["kl"]
+
+
+def test_refinement_without_progress_warns(setup, tiny_source, tiny_target, tiny_corpus, caplog):
+    cartridge, adapter, shared = setup
+    config = RefineConfig(learning_rate=1e3, **QUICK)
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+
+    with caplog.at_level("WARNING", logger="loracast.refine"):
+        _, report = refine_cartridge(
+            cartridge, tiny_target, teacher, shared, config, show_progress=False
+        )
+
+    assert report.best_step == 0
+    assert "never lowered the held-out KL" in caplog.text
+    assert "learning_rate (now 1000)" in caplog.text
 
 
 def test_batched_loss_matches_one_text_at_a_time(setup, tiny_source, tiny_target, tiny_corpus):
