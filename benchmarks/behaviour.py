@@ -508,11 +508,15 @@ def write_report(document: dict, out: Path) -> None:
             )
         lines.append("")
         if "corpus_size" in result:
-            lines += _corpus_size_lines(result["corpus_size"])
+            main_row = next(
+                (row for row in result["runs"] if row["method"] == "distilled-lora-general"), None
+            )
+            positions = document.get("plan", {}).get("general_positions")
+            lines += _corpus_size_lines(result["corpus_size"], main_row, positions)
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
 
 
-def _corpus_size_lines(ablation: dict) -> list[str]:
+def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | None) -> list[str]:
     run_info = ablation["run"]
     lines = [
         "### Gain recovered against the amount of general text",
@@ -526,7 +530,11 @@ def _corpus_size_lines(ablation: dict) -> list[str]:
         " | behaviour cosine | general bpb change | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in ablation["rows"]:
+    rows = list(ablation["rows"])
+    if main_row is not None and positions is not None:
+        # The main comparison trained the same student on the plan's number of positions.
+        rows.append({**main_row, "positions": f"{positions} (main table)", "passages": ""})
+    for row in rows:
         interval = row["gain_recovered_ci"]
         lines.append(
             f"| {row['positions']} | {row['passages']} | {_fmt(row['score'])} | "

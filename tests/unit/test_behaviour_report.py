@@ -108,10 +108,14 @@ def test_report_renders_corpus_sizes(tmp_path):
             "wall_seconds": 2.0,
         },
     }
-    behaviour.write_report(_document([forward]), tmp_path)
+    forward["runs"].append({**_corpus_size_row(0, 0.5), "data": "general", "negative_flips": 0})
+    document = _document([forward])
+    document["plan"] = {"general_positions": 8000}
+    behaviour.write_report(document, tmp_path)
 
     page = (tmp_path / "behaviour.md").read_text()
     assert "against the amount of general text" in page
+    assert "| 8000 (main table) |  | 0.450 | 0.50 | [0.40, 0.60] |" in page
     assert "| 1000 | 11 | 0.410 | 0.10 | [0.00, 0.20] |" in page
     assert "| 4000 | 44 | 0.430 | 0.30 | [0.20, 0.40] |" in page
     assert "--corpus-sizes 1000 4000" in page
