@@ -355,6 +355,7 @@ def run_corpus_sizes(
 
     base = sentiment(target.model)
     reference = _with_adapter(target, setup.retrained, sentiment)
+    base_bpb = _bits_per_byte(target.model, target.tokenizer, setup.held_out)
     labels = torch.tensor(base.labels)
     rows = []
     for size in sizes:
@@ -374,9 +375,14 @@ def run_corpus_sizes(
         report = distil_lora(target, teacher, setup.shared, folder, config)
         seconds = time.perf_counter() - started
         result = _with_adapter(target, folder, sentiment)
-        bpb_change = _with_adapter(
-            target, folder, lambda model: _bits_per_byte(model, target.tokenizer, setup.held_out)
-        ) - _bits_per_byte(target.model, target.tokenizer, setup.held_out)
+        bpb_change = (
+            _with_adapter(
+                target,
+                folder,
+                lambda model: _bits_per_byte(model, target.tokenizer, setup.held_out),
+            )
+            - base_bpb
+        )
         rows.append(
             _row(
                 "distilled-lora-general",
@@ -472,11 +478,11 @@ def write_report(document: dict, out: Path) -> None:
     _atomic_write(out / "behaviour.json", json.dumps(document, indent=2) + "\n")
     lines = [
         *run_header(document, "Behaviour matching"),
-        "Produced by `benchmarks/behaviour.py`; its docstring defines every row. Gain recovered",
-        "is against the LoRA retrained on the target; push is the mean change of the correct",
-        "label's centred log-likelihood against the target base; bpb change is the change of",
-        "bits per byte on general passages never used for fitting (the retrained LoRA's own",
-        "change is the reference for a harmless side effect).",
+        "Produced by `benchmarks/behaviour.py`, whose docstring defines every row. Gain",
+        "recovered is against the LoRA retrained on the target. Push is the mean change of the",
+        "correct label's centred log-likelihood against the target base. The bpb change is the",
+        "change of bits per byte on general passages never used for fitting, and the retrained",
+        "LoRA's own change is the reference for a harmless side effect.",
         "",
         *_summary_lines(document["results"]),
     ]
@@ -522,7 +528,7 @@ def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | N
         "### Gain recovered against the amount of general text",
         "",
         "The strict-setting distilled LoRA, with the plan's steps, batch size and learning",
-        "rate; only the number of aligned positions the teacher covers changes. "
+        "rate. Only the number of aligned positions the teacher covers changes. "
         f"Command: `{run_info['command']}`, commit {run_info['commit']}, {run_info['date']}, "
         f"{run_info['wall_seconds']} s.",
         "",
