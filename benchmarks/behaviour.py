@@ -3,21 +3,26 @@
 Usage:
     python benchmarks/behaviour.py                       # SmolLM2 -> Gemma-3, sentiment
     python benchmarks/behaviour.py --direction reverse   # Gemma-3 -> SmolLM2
+    python benchmarks/behaviour.py --task shakespeare    # or arithmetic; general and elicited text
     python benchmarks/behaviour.py --quick               # smoke test; numbers mean nothing
     python benchmarks/behaviour.py --corpus-sizes 1000 2000 4000
                                    # add gain recovered against the amount of general text
 
 It reuses the main benchmark's cached adapters and bridges (``benchmarks/run.py`` trains and fits
-them when missing) and adds, for the sentiment task:
+them when missing) and adds, for the chosen task:
 
 - ``refined-heads-general``: the default cartridge's heads refined with the tilted-KL objective
   (``loracast.refine``) on general text only, the strict no-task-data setting;
 - ``distilled-lora-general``: a fresh target LoRA trained with the same objective and text, the
   distillation baseline the kernel and heads must beat;
-- ``refined-heads-template`` and ``distilled-lora-template``: the same on general passages filled
-  into the adapter's prompt template (``Tweet: {text}\\nSentiment:``), trained at its last
-  position. This second setting uses the template, a small piece of task information, but no
-  labels and no task examples;
+- ``refined-heads-elicited`` and ``distilled-lora-elicited``: the same on text elicited from the
+  adapter, general-corpus prefixes of 8 tokens continued by sampling from the source with the
+  adapter (``loracast.elicit``). No task data: the adapter writes the text on which it acts.
+  Default for arithmetic and Shakespeare; ``--settings`` adds it to sentiment;
+- sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
+  general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
+  trained at its last position. This second setting uses the template, a small piece of task
+  information, but no labels and no task examples;
 - ``refined-heads-template-centred`` and ``distilled-lora-template-centred``: the same, with the
   adapter's mean change over all filled templates removed from the teacher. Filled with general
   text, the template makes the adapter favour one label on average, and the student should not
@@ -29,10 +34,12 @@ them when missing) and adds, for the sentiment task:
   the labelled validation split. A control, not a method: a carried adapter that only moves the
   label prior is not transfer.
 
-Beside accuracy and gain recovered it reports three more figures. The push is the mean change
-of the correct label's centred log-likelihood against the target base. The behaviour cosine is
-measured on held-out corpus positions. The side effect on general text is the change of bits
-per byte on corpus passages never used for fitting.
+The template settings, logit arithmetic and the label-bias control are run for sentiment only.
+
+Beside the score and gain recovered it reports three more figures. The push (sentiment only)
+is the mean change of the correct label's centred log-likelihood against the target base. The
+behaviour cosine is measured on held-out corpus positions. The side effect on general text is
+the change of bits per byte on corpus passages never used for fitting.
 """
 
 from __future__ import annotations
@@ -152,15 +159,15 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
     }
 
 
-def _students(source, target, kernels, cartridge, passages, plan, out, shared):
+def _students(setup, plan, out, settings_run, kinds):
     """Train every (setting, student) variant; returns ``{method: (kind, artifact, report)}``."""
     students = {}
-    for setting in SETTINGS:
-        text = "general" if setting == "general" else "template"
+    for setting in settings_run:
+        text = "template" if setting.startswith("template") else setting
         config = RefineConfig(
             text=text,
             template=PROMPT_TEMPLATE if text == "template" else None,
-            max_positions=plan.general_positions if text == "general" else plan.template_passages,
+            max_positions=plan.template_passages if text == "template" else plan.general_positions,
             steps=plan.steps,
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate,
@@ -168,21 +175,36 @@ def _students(source, target, kernels, cartridge, passages, plan, out, shared):
             centre_shift=setting == "template-centred",
         )
         started = time.perf_counter()
-        teacher = build_teacher(source, target, kernels, passages, shared, config)
+        teacher = build_teacher(
+            setup.source, setup.target, setup.kernels, setup.passages, setup.shared, config
+        )
         teacher_seconds = time.perf_counter() - started
-        refined, report = refine_cartridge(cartridge, target, teacher, shared, config)
-        report.seconds += teacher_seconds
-        students[f"refined-heads-{setting}"] = ("cartridge", refined, report)
-        folder = out / f"distilled-lora-{setting}"
-        report = distil_lora(target, teacher, shared, folder, config)
-        report.seconds += teacher_seconds
-        students[f"distilled-lora-{setting}"] = ("adapter", folder, report)
+        if "heads" in kinds:
+            refined, report = refine_cartridge(
+                setup.cartridge, setup.target, teacher, setup.shared, config
+            )
+            report.seconds += teacher_seconds
+            students[f"refined-heads-{setting}"] = ("cartridge", refined, report)
+        if "lora" in kinds:
+            folder = out / f"distilled-lora-{setting}"
+            report = distil_lora(setup.target, teacher, setup.shared, folder, config)
+            report.seconds += teacher_seconds
+            students[f"distilled-lora-{setting}"] = ("adapter", folder, report)
     return students
 
 
-SETTINGS = ("general", "template", "template-centred")
+SETTINGS = ("general", "elicited", "template", "template-centred")
+# Settings run when --settings is not given. The template settings need a prompt template with
+# a free-text field, which only the sentiment task has.
+TASK_SETTINGS = {
+    "sentiment": ("general", "template", "template-centred"),
+    "arithmetic": ("general", "elicited"),
+    "shakespeare": ("general", "elicited"),
+}
 DATA = {
     "general": "general corpus text only",
+    "elicited": "general-corpus prefixes of 8 tokens continued by sampling from the source with "
+    "the adapter (no task data)",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -227,6 +249,7 @@ class Setup:
     target: object
     passages: list[str]
     held_out: list[str]
+    task: object
     test: list
     source_adapter: Path
     retrained: Path
@@ -235,14 +258,14 @@ class Setup:
     shared: object
 
 
-def _setup(direction: str, settings: Settings, cache: Path) -> Setup:
+def _setup(direction: str, task_name: str, settings: Settings, cache: Path) -> Setup:
     source_name, target_name = MODELS if direction == "forward" else MODELS[::-1]
     source, target = load_model(source_name), load_model(target_name)
     corpus = load_corpus(settings.corpus, max_passages=settings.max_passages + HELD_OUT_PASSAGES)
     # The bridge corpus is a prefix of this shuffled list, so the tail was never fitted on.
     passages, held_out = corpus[: settings.max_passages], corpus[settings.max_passages :]
-    task = TASKS["sentiment"]
-    train, test = task.splits(0, *settings.sizes("sentiment"))
+    task = TASKS[task_name]
+    train, test = task.splits(0, *settings.sizes(task_name))
     source_adapter, _ = _train_adapter(source, task, train, settings, cache)
     retrained, _ = _train_adapter(target, task, train, settings, cache)
     kernels = load_adapter(source_adapter).kernels
@@ -259,6 +282,7 @@ def _setup(direction: str, settings: Settings, cache: Path) -> Setup:
         target=target,
         passages=passages,
         held_out=held_out,
+        task=task,
         test=test,
         source_adapter=source_adapter,
         retrained=retrained,
@@ -268,19 +292,36 @@ def _setup(direction: str, settings: Settings, cache: Path) -> Setup:
     )
 
 
-def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) -> dict:
-    setup = _setup(direction, settings, cache)
+def run(
+    direction: str,
+    task_name: str,
+    plan: Plan,
+    settings: Settings,
+    cache: Path,
+    out: Path,
+    settings_run: tuple[str, ...] | None = None,
+    kinds: tuple[str, ...] = ("heads", "lora"),
+) -> dict:
+    """Train the students of ``settings_run`` and compare them on the task's test split."""
+    settings_run = settings_run or TASK_SETTINGS[task_name]
+    if task_name != "sentiment" and any(item.startswith("template") for item in settings_run):
+        raise SystemExit(
+            f"the template settings need the sentiment prompt template; --task {task_name} "
+            f"supports --settings general elicited"
+        )
+    setup = _setup(direction, task_name, settings, cache)
+    students = _students(setup, plan, out, settings_run, kinds)
+    if task_name != "sentiment":
+        return _run_task(setup, students, out)
     source, target, cartridge = setup.source, setup.target, setup.cartridge
-    passages, held_out, test, shared = setup.passages, setup.held_out, setup.test, setup.shared
-    kernels, source_adapter, retrained = setup.kernels, setup.source_adapter, setup.retrained
+    held_out, test, shared = setup.held_out, setup.test, setup.shared
+    source_adapter, retrained = setup.source_adapter, setup.retrained
     validation = task_validation(plan)
-    students = _students(source, target, kernels, cartridge, passages, plan, out, shared)
 
     evaluations, bpb = _evaluate_all(
         source, target, source_adapter, retrained, cartridge, students, test, held_out
     )
-    if isinstance(students["refined-heads-general"][1], Cartridge):
-        students["refined-heads-general"][1].save(out / "refined-heads-general", overwrite=True)
+    _save_refined(students, out)
 
     labels = torch.tensor(evaluations["target-base"][0].labels)
     base = evaluations["target-base"][0].scores
@@ -291,16 +332,9 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
         if method in bpb:
             extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
         if method in students:
-            report = students[method][2]
-            extra["train_seconds"] = round(report.seconds, 1)
-            extra["behaviour_cosine"] = report.best["behaviour_cosine"]
-            extra["held_out_kl"] = {"initial": report.initial["kl"], "best": report.best["kl"]}
-            extra["history"] = report.history
+            extra.update(_student_extra(students[method][2]))
         if method == DEFAULT_BRIDGE:
-            # The refinement starts from this cartridge, so its step-0 figures describe it.
-            start = students["refined-heads-general"][2].initial
-            extra["behaviour_cosine"] = start["behaviour_cosine"]
-            extra["held_out_kl"] = {"initial": start["kl"]}
+            extra.update(_cartridge_start(students))
         setting = method.split("-", 2)[2] if method in students else None
         data = DATA[setting] if setting else "see the main benchmark"
         rows.append(_row(method, result.scores, labels, base, reference, data, **extra))
@@ -339,6 +373,120 @@ def run(direction: str, plan: Plan, settings: Settings, cache: Path, out: Path) 
     }
 
 
+def _save_refined(students: dict, out: Path) -> None:
+    for method, (kind, artifact, _) in students.items():
+        if kind == "cartridge" and isinstance(artifact, Cartridge):
+            artifact.save(out / method, overwrite=True)
+
+
+def _cartridge_start(students: dict) -> dict:
+    """The unrefined cartridge's held-out figures: step 0 of a heads refinement on general text.
+
+    The refinement starts from this cartridge, so its first evaluation describes it.
+    """
+    for method in ("refined-heads-general", "refined-heads-elicited"):
+        if method in students:
+            start = students[method][2].initial
+            return {
+                "behaviour_cosine": start["behaviour_cosine"],
+                "held_out_kl": {"initial": start["kl"]},
+            }
+    return {}
+
+
+def _student_extra(report) -> dict:
+    return {
+        "train_seconds": round(report.seconds, 1),
+        "behaviour_cosine": report.best["behaviour_cosine"],
+        "held_out_kl": {"initial": report.initial["kl"], "best": report.best["kl"]},
+        "history": report.history,
+    }
+
+
+def _task_row(method, task, scores, base, retrained, data, **extra) -> dict:
+    """Score, gain recovered with interval and flips of one method on a benchmark task."""
+    higher = task.higher_is_better
+    row = {"method": method, "data": data, "score": scores.score, **extra}
+    row["gain_recovered"] = gain_recovered(
+        scores.values, base.values, retrained.values, higher_is_better=higher, weights=base.weights
+    )
+    row["gain_recovered_ci"] = list(
+        bootstrap_ci(
+            scores.values,
+            base.values,
+            retrained.values,
+            higher_is_better=higher,
+            weights=base.weights,
+        )
+    )
+    row["negative_flips"] = (
+        negative_flips(base.correct, scores.correct) if scores.correct is not None else None
+    )
+    return row
+
+
+def _run_task(setup: Setup, students: dict, out: Path) -> dict:
+    """Compare the students with the cartridge on arithmetic or Shakespeare."""
+    source, target, task = setup.source, setup.target, setup.task
+
+    def timed(loaded):
+        def score(model):
+            started = time.perf_counter()
+            result = task.evaluate(model, loaded.tokenizer, setup.test)
+            return result, time.perf_counter() - started
+
+        return score
+
+    def general(model):
+        return _bits_per_byte(model, target.tokenizer, setup.held_out)
+
+    score = timed(target)
+    evaluations = {
+        "target-base": score(target.model),
+        "target-retrained": _with_adapter(target, setup.retrained, score),
+        "source-base": timed(source)(source.model),
+        "source-adapter": _with_adapter(source, setup.source_adapter, timed(source)),
+        DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, score),
+    }
+    bpb = {
+        "target-base": general(target.model),
+        "target-retrained": _with_adapter(target, setup.retrained, general),
+        DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, general),
+    }
+    for method, (kind, artifact, _) in students.items():
+        wrap = _with_cartridge if kind == "cartridge" else _with_adapter
+        evaluations[method] = wrap(target, artifact, score)
+        bpb[method] = wrap(target, artifact, general)
+    _save_refined(students, out)
+    base, reference = evaluations["target-base"][0], evaluations["target-retrained"][0]
+    rows = []
+    for method, (result, seconds) in evaluations.items():
+        extra = {"eval_seconds": round(seconds, 1)}
+        if method in bpb:
+            extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
+        if method in students:
+            extra.update(_student_extra(students[method][2]))
+        if method == DEFAULT_BRIDGE:
+            extra.update(_cartridge_start(students))
+        if method.startswith("source-"):
+            # Scored on the source model: no gain over the target base to recover.
+            rows.append({"method": method, "data": "", "score": result.score, **extra})
+            continue
+        setting = method.split("-", 2)[2] if method in students else None
+        data = DATA[setting] if setting else "see the main benchmark"
+        rows.append(_task_row(method, task, result, base, reference, data, **extra))
+    return {
+        "direction": f"{source.name}->{target.name}",
+        "task": task.name,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "n_test": len(setup.test),
+        "held_out_general_passages": len(setup.held_out),
+        "shared_vocabulary": len(setup.shared),
+        "runs": rows,
+    }
+
+
 def run_corpus_sizes(
     direction: str, sizes: list[int], plan: Plan, settings: Settings, cache: Path, out: Path
 ) -> list[dict]:
@@ -347,7 +495,7 @@ def run_corpus_sizes(
     Each size caps the teacher's aligned positions, held-out ones included. Steps, batch size
     and learning rate stay the plan's, so only the variety of text changes between rows.
     """
-    setup = _setup(direction, settings, cache)
+    setup = _setup(direction, "sentiment", settings, cache)
     target = setup.target
 
     def sentiment(model):
@@ -427,6 +575,11 @@ def _chosen(rows: list[dict], setting: str) -> dict | None:
     return min(candidates, key=lambda row: row["held_out_kl"]["best"], default=None)
 
 
+def _interval(row: dict) -> str:
+    interval = row.get("gain_recovered_ci")
+    return "" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _gain_cell(row: dict | None) -> str:
     if row is None:
         return "not run"
@@ -441,11 +594,13 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "",
         "Gain recovered with its 95% interval. In each setting the student (refined heads or",
         "distilled LoRA) with the lower held-out KL on corpus positions is shown, so no test",
-        "score chose it. The behaviour cosine is measured on held-out corpus positions.",
+        "score chose it. The behaviour cosine is measured on held-out corpus positions. The",
+        "template settings and the controls exist for sentiment only.",
         "",
-        "| direction, task | cartridge | general text only | template | template, centred"
-        " | label-bias control | logit arithmetic | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|",
+        "| direction, task | cartridge | general text only | elicited text | template"
+        " | template, centred | label-bias control | logit arithmetic"
+        " | behaviour cosine, cartridge → general |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}
@@ -498,17 +653,20 @@ def write_report(document: dict, out: Path) -> None:
                 f"{run_info['date']}, {run_info['wall_seconds']} s.",
                 "",
             ]
+        metric = result.get("metric", "accuracy")
+        if result.get("higher_is_better") is False:
+            metric += " (lower is better)"
         lines += [
-            "| method | data it sees | accuracy | gain recovered | 95% interval | negative flips"
+            f"| method | data it sees | {metric} | gain recovered | 95% interval | negative flips"
             " | push | behaviour cosine | general bpb change | train s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["runs"]:
-            interval = row["gain_recovered_ci"]
             lines.append(
                 f"| {row['method']} | {row['data']} | {_fmt(row['score'])} | "
-                f"{_fmt(row['gain_recovered'], 2)} | [{interval[0]:.2f}, {interval[1]:.2f}] | "
-                f"{row['negative_flips']} | {_fmt(row['push_toward_correct_label'], 2)} | "
+                f"{_fmt(row.get('gain_recovered'), 2)} | {_interval(row)} | "
+                f"{_fmt(row.get('negative_flips'))} | "
+                f"{_fmt(row.get('push_toward_correct_label'), 2)} | "
                 f"{_fmt(row.get('behaviour_cosine'), 3)} | "
                 f"{_fmt(row.get('general_bpb_change'), 4)} | {_fmt(row.get('train_seconds'), 0)} |"
             )
@@ -553,11 +711,11 @@ def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | N
     return lines
 
 
-def _other_directions(path: Path, result: dict, quick: bool) -> list[dict]:
-    """Return the results of the other direction from an earlier report of the same mode.
+def _other_results(path: Path, result: dict, quick: bool) -> list[dict]:
+    """Return the results of other directions and tasks from an earlier report of the same mode.
 
-    Each direction is a separate command, so the report keeps the direction not rerun, with the
-    command, commit and date that produced it.
+    Each direction and task is a separate command, so the report keeps those not rerun, with the
+    command, commit and date that produced them.
     """
     if not path.exists():
         return []
@@ -565,7 +723,9 @@ def _other_directions(path: Path, result: dict, quick: bool) -> list[dict]:
     if earlier.get("quick") != quick:
         return []
     return [
-        other for other in earlier.get("results", []) if other["direction"] != result["direction"]
+        other
+        for other in earlier.get("results", [])
+        if (other["direction"], other["task"]) != (result["direction"], result["task"])
     ]
 
 
@@ -577,7 +737,14 @@ def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -
     source_name, target_name = MODELS if args.direction == "forward" else MODELS[::-1]
     direction = f"{source_name}->{target_name}"
     results = [] if document is None else document["results"]
-    result = next((item for item in results if item["direction"] == direction), None)
+    result = next(
+        (
+            item
+            for item in results
+            if item["direction"] == direction and item["task"] == "sentiment"
+        ),
+        None,
+    )
     if result is None or document.get("quick") != args.quick:
         raise SystemExit(
             f"{path} has no {'quick ' if args.quick else ''}result for {direction}. Run "
@@ -601,6 +768,22 @@ def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward")
+    parser.add_argument("--task", choices=sorted(TASK_SETTINGS), default="sentiment")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=None,
+        help="text settings to train students on (default: general and the template settings "
+        "for sentiment, general and elicited for the other tasks)",
+    )
+    parser.add_argument(
+        "--students",
+        nargs="+",
+        choices=["heads", "lora"],
+        default=["heads", "lora"],
+        help="students to train: refined heads, distilled LoRA or both",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke testing")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per student")
     parser.add_argument(
@@ -624,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=None,
         help="instead of the main comparison, train the strict-setting distilled LoRA on this many "
-        "aligned positions of general text per row and add the rows to the existing report",
+        "aligned positions of general text per row and add the rows to the existing sentiment "
+        "report",
     )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
@@ -646,12 +830,24 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)
-    artifacts = cache / "behaviour" / args.direction
+    artifacts = cache / "behaviour" / args.task / args.direction
     artifacts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.corpus_sizes:
+        if args.task != "sentiment":
+            parser.error("--corpus-sizes is measured on sentiment only; drop --task")
         return _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started)
-    result = run(args.direction, plan, settings, cache, artifacts)
+    settings_run = tuple(args.settings) if args.settings else None
+    result = run(
+        args.direction,
+        args.task,
+        plan,
+        settings,
+        cache,
+        artifacts,
+        settings_run,
+        tuple(args.students),
+    )
     document = {
         "machine": _machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -662,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     result["run"] = {key: document[key] for key in ("date", "commit", "command", "wall_seconds")}
-    document["results"] = [*_other_directions(out / "behaviour.json", result, args.quick), result]
+    document["results"] = [*_other_results(out / "behaviour.json", result, args.quick), result]
     out.mkdir(parents=True, exist_ok=True)
     write_report(document, out)
     print(f"report written to {out}")

@@ -8,9 +8,12 @@ distribution tilted by the adapter's effect on the source:
 
 and the student, the target with the carried adapter, minimises KL(q* ‖ P_target+carried),
 with positions weighted by KL(P_source+adapter ‖ P_source), i.e. by how much the adapter acts
-there. Only general text is used, never task data. Two kinds of text are supported:
+there. Only general text is used, never task data. Three kinds of text are supported:
 
 - ``general``: every aligned position of general-corpus passages (the strict setting);
+- ``elicited``: every aligned position of text sampled from the source with the adapter,
+  continuing short general-corpus prefixes (``loracast.elicit``). Still no task data: the
+  adapter writes the text on which it acts;
 - ``template``: general passages filled into the prompt template the adapter was trained with,
   trained at the template's last position only. The template is a small piece of task
   information (no labels, no task examples), so its results belong in their own setting.
@@ -35,7 +38,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,13 +50,14 @@ from loracast.align import aligned_positions, encode, truncate_text
 from loracast.architectures import Site, lora_target_modules, output_rows
 from loracast.capture import decoder_of
 from loracast.cartridge import Cartridge
+from loracast.elicit import ElicitConfig, elicit_texts
 from loracast.models import LoadedModel
 from loracast.vocabulary import SharedVocabulary, restricted_logits
 
 logger = logging.getLogger(__name__)
 
 STUDENTS = ("heads", "lora")
-TEXTS = ("general", "template")
+TEXTS = ("general", "template", "elicited")
 
 
 @dataclass
@@ -61,8 +65,10 @@ class RefineConfig:
     """Settings of ``refine_cartridge`` and ``distil_lora``.
 
     Attributes:
-        text: ``general`` (every aligned position of corpus passages) or ``template``
-            (passages filled into ``template``, trained at its last position).
+        text: ``general`` (every aligned position of corpus passages), ``elicited`` (every
+            aligned position of corpus prefixes continued by the source with the adapter, see
+            ``elicit``) or ``template`` (passages filled into ``template``, trained at its last
+            position).
         template: the adapter's prompt template with a ``{text}`` field; needed for ``template``.
         max_tokens: source tokens read per passage (``template`` mode cuts the passage itself).
         max_positions: aligned positions in the teacher set, held-out ones included.
@@ -81,6 +87,7 @@ class RefineConfig:
         lora_rank: rank of the ``lora`` student.
         lora_modules: module names of the ``lora`` student.
         seed: seed of the split, the batch order and the ``lora`` student's initialisation.
+        elicit: sampling settings of the ``elicited`` text.
     """
 
     text: str = "general"
@@ -98,9 +105,12 @@ class RefineConfig:
     lora_rank: int = 8
     lora_modules: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0
+    elicit: ElicitConfig = field(default_factory=ElicitConfig)
 
     def __post_init__(self) -> None:
         errors = []
+        if isinstance(self.elicit, dict):
+            self.elicit = ElicitConfig(**self.elicit)
         if self.text not in TEXTS:
             errors.append(f"text must be one of {TEXTS}, got {self.text!r}")
         if self.text == "template" and (not self.template or "{text}" not in self.template):
@@ -218,10 +228,29 @@ def _right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
-def _texts_and_pairs(source, target, passages, config):
-    """Cut or fill each passage and return ``(texts, [(source_pos, target_pos), ...])``."""
-    texts, pairs = [], []
+def _texts_and_pairs(source, target, kernels, passages, config, show_progress):
+    """Cut, fill or continue passages; return ``(texts, [(source_pos, target_pos), ...])``.
+
+    Stops once the texts hold ``config.max_positions`` aligned positions.
+    """
+    if config.text == "elicited":
+        candidates = elicit_texts(
+            source.model, source.tokenizer, passages, config.elicit, show_progress=show_progress
+        )
+        # Consumed inside the context, so every sample is drawn with the adapter attached.
+        with kernel_hooks(source.model, kernels), closing(candidates):
+            texts, pairs = _collect(source, target, candidates, config)
+        logger.info("elicited %d texts from the source with the adapter", len(texts))
+        return texts, pairs
+    return _collect(source, target, passages, config)
+
+
+def _collect(source, target, passages, config):
+    """Turn passages into texts with aligned pairs until ``max_positions`` are gathered."""
+    texts, pairs, total = [], [], 0
     for passage in passages:
+        if total >= config.max_positions:
+            break
         if config.text == "template":
             cut = truncate_text(source.tokenizer, passage, max(8, config.max_tokens // 2))
             text = config.template.format(text=cut.strip())
@@ -237,6 +266,7 @@ def _texts_and_pairs(source, target, passages, config):
         if aligned:
             texts.append(text)
             pairs.append(aligned)
+            total += len(aligned)
     return texts, pairs
 
 
@@ -280,7 +310,7 @@ def build_teacher(
     Raises:
         ValueError: no passage gives an aligned position.
     """
-    texts, pairs = _texts_and_pairs(source, target, passages, config)
+    texts, pairs = _texts_and_pairs(source, target, kernels, passages, config, show_progress)
     kept_texts, kept_positions, teacher, change, weights = [], [], [], [], []
     total = 0
     for text, aligned in tqdm(

@@ -60,7 +60,7 @@ def test_report_keeps_the_other_direction(tmp_path):
     behaviour.write_report(_document([forward]), tmp_path)
 
     reverse = _result("b->a", "python benchmarks/behaviour.py --direction reverse")
-    other_results = behaviour._other_directions(tmp_path / "behaviour.json", reverse, quick=False)
+    other_results = behaviour._other_results(tmp_path / "behaviour.json", reverse, quick=False)
     behaviour.write_report(_document([*other_results, reverse]), tmp_path)
 
     saved = json.loads((tmp_path / "behaviour.json").read_text())
@@ -76,9 +76,9 @@ def test_merge_skips_same_direction_and_mode(tmp_path):
     path = tmp_path / "behaviour.json"
     behaviour.write_report(_document([_result("a->b", "old")], quick=True), tmp_path)
 
-    assert behaviour._other_directions(path, _result("b->a", "new"), quick=False) == []
-    assert behaviour._other_directions(path, _result("a->b", "new"), quick=True) == []
-    assert behaviour._other_directions(tmp_path / "missing.json", _result("a->b", "x"), False) == []
+    assert behaviour._other_results(path, _result("b->a", "new"), quick=False) == []
+    assert behaviour._other_results(path, _result("a->b", "new"), quick=True) == []
+    assert behaviour._other_results(tmp_path / "missing.json", _result("a->b", "x"), False) == []
 
 
 def _corpus_size_row(positions: int, gain: float) -> dict:

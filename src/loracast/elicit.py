@@ -1,0 +1,135 @@
+"""Text elicited from an adapted model: general-corpus prefixes continued by sampling.
+
+General text barely triggers a task adapter, so a behavioural objective trained on it sees few
+positions where the adapter acts. Sampling continuations from the source with its adapter
+gives text on which the adapter's own distribution has acted, without any task data: the only
+inputs are short general-corpus prefixes. The caller attaches the adapter (for example with
+``loracast.refine.kernel_hooks``) while ``elicit_texts`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from loracast.align import truncate_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ElicitConfig:
+    """Settings of ``elicit_texts``.
+
+    Attributes:
+        prefix_tokens: tokens of each general passage kept as the prompt.
+        new_tokens: tokens sampled after each prefix.
+        temperature: sampling temperature; 1.0 samples the adapted model's own distribution.
+        batch_size: prompts generated together.
+        seed: seed of the sampling.
+    """
+
+    prefix_tokens: int = 8
+    new_tokens: int = 88
+    temperature: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("prefix_tokens", "new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if not self.temperature > 0:
+            errors.append(f"temperature must be positive, got {self.temperature!r}")
+        if errors:
+            raise ValueError("invalid ElicitConfig: " + "; ".join(errors))
+
+
+def _left_padded(tokenizer, prompts: Sequence[str], pad_id: int, device):
+    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(encoded):
+        ids[row, width - len(tokens) :] = torch.tensor(tokens)
+        mask[row, width - len(tokens) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _stop_tokens(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the model's generation settings and of the tokenizer."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = []
+    stops = set(configured) if isinstance(configured, list | tuple) else {configured}
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    return stops
+
+
+def elicit_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    passages: Sequence[str],
+    config: ElicitConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> Iterator[str]:
+    """Yield, per passage, its first ``prefix_tokens`` tokens continued by sampling from ``model``.
+
+    Texts are generated a batch at a time, so a caller that stops iterating early pays only for
+    what it read. A continuation stops at the end-of-sequence token; a passage whose prefix is
+    empty is skipped.
+
+    Args:
+        model: the model to sample from, with the adapter attached.
+        tokenizer: its tokenizer.
+        passages: general-corpus passages; only their prefixes are read.
+        config: sampling settings.
+        show_progress: show a progress bar.
+    """
+    config = config or ElicitConfig()
+    prompts = [truncate_text(tokenizer, passage, config.prefix_tokens) for passage in passages]
+    prompts = [prompt for prompt in prompts if prompt.strip()]
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stops = _stop_tokens(model, tokenizer)
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)
+    try:
+        for start in tqdm(
+            range(0, len(prompts), config.batch_size),
+            desc="Eliciting",
+            disable=not show_progress,
+        ):
+            batch = prompts[start : start + config.batch_size]
+            ids, mask = _left_padded(tokenizer, batch, pad_id, device)
+            with torch.no_grad():
+                output = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=config.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=config.new_tokens,
+                    pad_token_id=pad_id,
+                )
+            for row, length in enumerate(mask.sum(1).tolist()):
+                continuation = output[row, ids.shape[1] :].tolist()
+                ends = [index for index, token in enumerate(continuation) if token in stops]
+                if ends:
+                    continuation = continuation[: ends[0]]
+                # Decoding prompt and continuation together keeps the space between them.
+                tokens = output[row, ids.shape[1] - length : ids.shape[1]].tolist() + continuation
+                yield tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        torch.random.set_rng_state(generator_state)
