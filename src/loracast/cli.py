@@ -276,14 +276,18 @@ def _refine(args) -> int:
     from loracast.adapters import load_adapter, validate_adapter
     from loracast.cartridge import Cartridge
     from loracast.corpus import load_corpus
+    from loracast.elicit import ElicitConfig
     from loracast.peft_export import check_output_free
     from loracast.refine import RefineConfig, build_teacher, refine_cartridge
     from loracast.vocabulary import shared_vocabulary
 
     check_output_free(Path(args.out).expanduser(), args.overwrite)
+    if args.template and args.elicited:
+        raise ValueError("--template and --elicited choose different texts; pass one of them")
     config = RefineConfig(
-        text="template" if args.template else "general",
+        text="template" if args.template else "elicited" if args.elicited else "general",
         template=args.template,
+        elicit=ElicitConfig(prefix_tokens=args.prefix_tokens),
         max_positions=args.max_positions,
         steps=args.steps,
         learning_rate=args.learning_rate,
@@ -405,6 +409,18 @@ def _add_refine_parser(commands) -> None:
         default=None,
         help="the adapter's prompt template with a {text} field: train at its last position on "
         "corpus text filled into it (uses the template, but no labels or task examples)",
+    )
+    refining.add_argument(
+        "--elicited",
+        action="store_true",
+        help="train on text the adapter writes: corpus prefixes continued by sampling from the "
+        "source with the adapter (no task data)",
+    )
+    refining.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=8,
+        help="with --elicited, source tokens of each corpus passage kept as the prompt",
     )
     refining.add_argument(
         "--centre-shift",

@@ -176,3 +176,29 @@ def test_summary_chooses_by_held_out_kl():
     )
     assert "| 0.10 [0.00, 0.20] (refined) | not run |" in table_row
     assert table_row.endswith("| 0.100 → 0.500 |")
+
+
+def test_language_modelling_result_renders_beside_sentiment(tmp_path):
+    behaviour = _load_behaviour()
+    sentiment = _result("a->b", "python benchmarks/behaviour.py")
+    behaviour.write_report(_document([sentiment]), tmp_path)
+    shakespeare = _result("a->b", "python benchmarks/behaviour.py --task shakespeare")
+    shakespeare.update(task="shakespeare", metric="bits per byte", higher_is_better=False)
+    source_row = {"method": "source-adapter", "data": "", "score": 1.7}
+    students = [
+        _student_row("cartridge-mlp-seed0", 0.1, 1.0),
+        _student_row("distilled-lora-elicited", 0.6, 0.2),
+    ]
+    shakespeare["runs"] = [source_row] + [
+        {**row, "data": "text", "score": 1.5, "negative_flips": None} for row in students
+    ]
+    kept = behaviour._other_results(tmp_path / "behaviour.json", shakespeare, quick=False)
+    behaviour.write_report(_document([*kept, shakespeare]), tmp_path)
+
+    page = (tmp_path / "behaviour.md").read_text()
+    assert [result["task"] for result in kept] == ["sentiment"]
+    assert "| method | data it sees | bits per byte (lower is better) |" in page
+    assert "| source-adapter |  | 1.700 |  |  |" in page
+    summary = next(line for line in page.splitlines() if line.startswith("| a->b, shakespeare"))
+    # The elicited column comes after the general one, which was not run here.
+    assert "| not run | 0.60 [0.50, 0.70] (distilled) | not run |" in summary

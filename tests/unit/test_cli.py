@@ -170,6 +170,44 @@ def test_refine_writes_a_refined_cartridge(model_folders, capsys):
     assert main(["info", str(refined)]) == 0
 
 
+def test_refine_on_elicited_text(model_folders, capsys):
+    cartridge = model_folders / "cartridge"
+    assert main(_transfer_args(model_folders, cartridge)) == 0
+    refined = model_folders / "refined"
+    arguments = [
+        "-q",
+        "refine",
+        "--cartridge",
+        str(cartridge),
+        "--source",
+        str(model_folders / "source"),
+        "--adapter",
+        str(model_folders / "adapter"),
+        "--target",
+        str(model_folders / "target"),
+        "--corpus",
+        str(model_folders / "corpus.txt"),
+        "--out",
+        str(refined),
+        "--max-positions",
+        "120",
+        "--steps",
+        "2",
+        "--elicited",
+        "--prefix-tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    assert main(arguments) == 0, capsys.readouterr().out
+    config = json.loads((refined / "cartridge.json").read_text())
+    assert config["refinement"]["text"] == "elicited"
+    assert config["refinement"]["report"]["config"]["elicit"]["prefix_tokens"] == 5
+
+    assert main([*arguments, "--overwrite", "--template", "Note: {text}\nLabel:"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
 def test_transfer_with_record_dir_reuses_recording(model_folders, capsys, caplog):
     record = model_folders / "record"
     arguments = [
