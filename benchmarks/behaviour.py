@@ -211,34 +211,56 @@ DATA = {
 }
 
 
-def _evaluate_all(source, target, source_adapter, retrained, cartridge, students, test, held_out):
-    """Sentiment results on the test split and bits per byte on held-out general passages."""
+def _evaluate_all(setup, students, evaluate):
+    """Test results of every model and bits per byte on held-out general passages.
 
-    def sentiment(model):
-        return _sentiment(model, target.tokenizer, test)
+    ``evaluate(model, tokenizer)`` scores one model on the task and returns
+    ``(result, seconds)``.
+    """
+    source, target = setup.source, setup.target
+
+    def task(model):
+        return evaluate(model, target.tokenizer)
 
     def general(model):
-        return _bits_per_byte(model, target.tokenizer, held_out)
+        return _bits_per_byte(model, target.tokenizer, setup.held_out)
 
     evaluations = {
-        "target-base": sentiment(target.model),
-        "target-retrained": _with_adapter(target, retrained, sentiment),
-        "source-base": _sentiment(source.model, source.tokenizer, test),
+        "target-base": task(target.model),
+        "target-retrained": _with_adapter(target, setup.retrained, task),
+        "source-base": evaluate(source.model, source.tokenizer),
         "source-adapter": _with_adapter(
-            source, source_adapter, lambda model: _sentiment(model, source.tokenizer, test)
+            source, setup.source_adapter, lambda model: evaluate(model, source.tokenizer)
         ),
-        DEFAULT_BRIDGE: _with_cartridge(target, cartridge, sentiment),
+        DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, task),
     }
     bpb = {
         "target-base": general(target.model),
-        "target-retrained": _with_adapter(target, retrained, general),
-        DEFAULT_BRIDGE: _with_cartridge(target, cartridge, general),
+        "target-retrained": _with_adapter(target, setup.retrained, general),
+        DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, general),
     }
     for method, (kind, artifact, _) in students.items():
         wrap = _with_cartridge if kind == "cartridge" else _with_adapter
-        evaluations[method] = wrap(target, artifact, sentiment)
+        evaluations[method] = wrap(target, artifact, task)
         bpb[method] = wrap(target, artifact, general)
     return evaluations, bpb
+
+
+def _extra(method, seconds, bpb, students) -> dict:
+    """Evaluation time, side effect and training figures of one method's row."""
+    extra = {"eval_seconds": round(seconds, 1)}
+    if method in bpb:
+        extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
+    if method in students:
+        extra.update(_student_extra(students[method][2]))
+    if method == DEFAULT_BRIDGE:
+        extra.update(_cartridge_start(students))
+    return extra
+
+
+def _data(method, students) -> str:
+    """What a row's method saw: the setting of a student, else the main benchmark's note."""
+    return DATA[method.split("-", 2)[2]] if method in students else "see the main benchmark"
 
 
 @dataclass
@@ -313,13 +335,11 @@ def run(
     students = _students(setup, plan, out, settings_run, kinds)
     if task_name != "sentiment":
         return _run_task(setup, students, out)
-    source, target, cartridge = setup.source, setup.target, setup.cartridge
-    held_out, test, shared = setup.held_out, setup.test, setup.shared
-    source_adapter, retrained = setup.source_adapter, setup.retrained
+    target, test = setup.target, setup.test
     validation = task_validation(plan)
 
     evaluations, bpb = _evaluate_all(
-        source, target, source_adapter, retrained, cartridge, students, test, held_out
+        setup, students, lambda model, tokenizer: _sentiment(model, tokenizer, test)
     )
     _save_refined(students, out)
 
@@ -328,15 +348,8 @@ def run(
     reference = evaluations["target-retrained"][0].scores
     rows = []
     for method, (result, seconds) in evaluations.items():
-        extra = {"eval_seconds": round(seconds, 1)}
-        if method in bpb:
-            extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
-        if method in students:
-            extra.update(_student_extra(students[method][2]))
-        if method == DEFAULT_BRIDGE:
-            extra.update(_cartridge_start(students))
-        setting = method.split("-", 2)[2] if method in students else None
-        data = DATA[setting] if setting else "see the main benchmark"
+        extra = _extra(method, seconds, bpb, students)
+        data = _data(method, students)
         rows.append(_row(method, result.scores, labels, base, reference, data, **extra))
 
     source_change = evaluations["source-adapter"][0].scores - evaluations["source-base"][0].scores
@@ -363,13 +376,19 @@ def run(
             bias=bias.tolist(),
         )
     )
+    return {**_result_header(setup), "runs": rows}
+
+
+def _result_header(setup: Setup) -> dict:
+    task = setup.task
     return {
-        "direction": f"{source.name}->{target.name}",
-        "task": "sentiment",
-        "n_test": len(test),
-        "held_out_general_passages": len(held_out),
-        "shared_vocabulary": len(shared),
-        "runs": rows,
+        "direction": f"{setup.source.name}->{setup.target.name}",
+        "task": task.name,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "n_test": len(setup.test),
+        "held_out_general_passages": len(setup.held_out),
+        "shared_vocabulary": len(setup.shared),
     }
 
 
@@ -427,64 +446,26 @@ def _task_row(method, task, scores, base, retrained, data, **extra) -> dict:
 
 def _run_task(setup: Setup, students: dict, out: Path) -> dict:
     """Compare the students with the cartridge on arithmetic or Shakespeare."""
-    source, target, task = setup.source, setup.target, setup.task
+    task = setup.task
 
-    def timed(loaded):
-        def score(model):
-            started = time.perf_counter()
-            result = task.evaluate(model, loaded.tokenizer, setup.test)
-            return result, time.perf_counter() - started
+    def evaluate(model, tokenizer):
+        started = time.perf_counter()
+        result = task.evaluate(model, tokenizer, setup.test)
+        return result, time.perf_counter() - started
 
-        return score
-
-    def general(model):
-        return _bits_per_byte(model, target.tokenizer, setup.held_out)
-
-    score = timed(target)
-    evaluations = {
-        "target-base": score(target.model),
-        "target-retrained": _with_adapter(target, setup.retrained, score),
-        "source-base": timed(source)(source.model),
-        "source-adapter": _with_adapter(source, setup.source_adapter, timed(source)),
-        DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, score),
-    }
-    bpb = {
-        "target-base": general(target.model),
-        "target-retrained": _with_adapter(target, setup.retrained, general),
-        DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, general),
-    }
-    for method, (kind, artifact, _) in students.items():
-        wrap = _with_cartridge if kind == "cartridge" else _with_adapter
-        evaluations[method] = wrap(target, artifact, score)
-        bpb[method] = wrap(target, artifact, general)
+    evaluations, bpb = _evaluate_all(setup, students, evaluate)
     _save_refined(students, out)
     base, reference = evaluations["target-base"][0], evaluations["target-retrained"][0]
     rows = []
     for method, (result, seconds) in evaluations.items():
-        extra = {"eval_seconds": round(seconds, 1)}
-        if method in bpb:
-            extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
-        if method in students:
-            extra.update(_student_extra(students[method][2]))
-        if method == DEFAULT_BRIDGE:
-            extra.update(_cartridge_start(students))
+        extra = _extra(method, seconds, bpb, students)
         if method.startswith("source-"):
             # Scored on the source model: no gain over the target base to recover.
             rows.append({"method": method, "data": "", "score": result.score, **extra})
             continue
-        setting = method.split("-", 2)[2] if method in students else None
-        data = DATA[setting] if setting else "see the main benchmark"
+        data = _data(method, students)
         rows.append(_task_row(method, task, result, base, reference, data, **extra))
-    return {
-        "direction": f"{source.name}->{target.name}",
-        "task": task.name,
-        "metric": task.metric,
-        "higher_is_better": task.higher_is_better,
-        "n_test": len(setup.test),
-        "held_out_general_passages": len(setup.held_out),
-        "shared_vocabulary": len(setup.shared),
-        "runs": rows,
-    }
+    return {**_result_header(setup), "runs": rows}
 
 
 def run_corpus_sizes(

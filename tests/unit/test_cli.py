@@ -128,26 +128,37 @@ def test_bake_writes_a_peft_folder_that_loads(model_folders, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def _refine_args(model_folders, refined, *options: str) -> list[str]:
+    """Arguments of ``loracast refine`` on the cartridge that ``_transfer_args`` writes."""
+    return [
+        "-q",
+        "refine",
+        "--cartridge",
+        str(model_folders / "cartridge"),
+        "--source",
+        str(model_folders / "source"),
+        "--adapter",
+        str(model_folders / "adapter"),
+        "--target",
+        str(model_folders / "target"),
+        "--corpus",
+        str(model_folders / "corpus.txt"),
+        "--out",
+        str(refined),
+        "--device",
+        "cpu",
+        *options,
+    ]
+
+
 def test_refine_writes_a_refined_cartridge(model_folders, capsys):
     cartridge = model_folders / "cartridge"
     assert main(_transfer_args(model_folders, cartridge)) == 0
     refined = model_folders / "refined"
     code = main(
-        [
-            "-q",
-            "refine",
-            "--cartridge",
-            str(cartridge),
-            "--source",
-            str(model_folders / "source"),
-            "--adapter",
-            str(model_folders / "adapter"),
-            "--target",
-            str(model_folders / "target"),
-            "--corpus",
-            str(model_folders / "corpus.txt"),
-            "--out",
-            str(refined),
+        _refine_args(
+            model_folders,
+            refined,
             "--max-positions",
             "200",
             "--steps",
@@ -156,9 +167,7 @@ def test_refine_writes_a_refined_cartridge(model_folders, capsys):
             "Note: {text}\nLabel:",
             "--max-grad-norm",
             "2.5",
-            "--device",
-            "cpu",
-        ]
+        )
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -174,21 +183,9 @@ def test_refine_on_elicited_text(model_folders, capsys):
     cartridge = model_folders / "cartridge"
     assert main(_transfer_args(model_folders, cartridge)) == 0
     refined = model_folders / "refined"
-    arguments = [
-        "-q",
-        "refine",
-        "--cartridge",
-        str(cartridge),
-        "--source",
-        str(model_folders / "source"),
-        "--adapter",
-        str(model_folders / "adapter"),
-        "--target",
-        str(model_folders / "target"),
-        "--corpus",
-        str(model_folders / "corpus.txt"),
-        "--out",
-        str(refined),
+    arguments = _refine_args(
+        model_folders,
+        refined,
         "--max-positions",
         "120",
         "--steps",
@@ -196,9 +193,7 @@ def test_refine_on_elicited_text(model_folders, capsys):
         "--elicited",
         "--prefix-tokens",
         "5",
-        "--device",
-        "cpu",
-    ]
+    )
     assert main(arguments) == 0, capsys.readouterr().out
     config = json.loads((refined / "cartridge.json").read_text())
     assert config["refinement"]["text"] == "elicited"
