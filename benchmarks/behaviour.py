@@ -212,7 +212,7 @@ DATA = {
 
 
 def _evaluate_all(setup, students, evaluate):
-    """Test results of every model and bits per byte on held-out general passages.
+    """Score every model on the test split and on held-out general passages (bits per byte).
 
     ``evaluate(model, tokenizer)`` scores one model on the task and returns
     ``(result, seconds)``.
@@ -247,7 +247,7 @@ def _evaluate_all(setup, students, evaluate):
 
 
 def _extra(method, seconds, bpb, students) -> dict:
-    """Evaluation time, side effect and training figures of one method's row."""
+    """Return the evaluation time, side effect and training figures of one method's row."""
     extra = {"eval_seconds": round(seconds, 1)}
     if method in bpb:
         extra["general_bpb_change"] = bpb[method] - bpb["target-base"]
@@ -259,7 +259,7 @@ def _extra(method, seconds, bpb, students) -> dict:
 
 
 def _data(method, students) -> str:
-    """What a row's method saw: the setting of a student, else the main benchmark's note."""
+    """Return what a row's method saw: a student's setting, else the main benchmark's note."""
     return DATA[method.split("-", 2)[2]] if method in students else "see the main benchmark"
 
 
@@ -399,7 +399,7 @@ def _save_refined(students: dict, out: Path) -> None:
 
 
 def _cartridge_start(students: dict) -> dict:
-    """The unrefined cartridge's held-out figures: step 0 of a heads refinement on general text.
+    """Return the unrefined cartridge's held-out figures: step 0 of a heads refinement.
 
     The refinement starts from this cartridge, so its first evaluation describes it.
     """
@@ -423,7 +423,7 @@ def _student_extra(report) -> dict:
 
 
 def _task_row(method, task, scores, base, retrained, data, **extra) -> dict:
-    """Score, gain recovered with interval and flips of one method on a benchmark task."""
+    """Return the score, gain recovered with interval and flips of one method on a task."""
     higher = task.higher_is_better
     row = {"method": method, "data": data, "score": scores.score, **extra}
     row["gain_recovered"] = gain_recovered(

@@ -1,6 +1,6 @@
 """Text elicited from an adapted model: general-corpus prefixes continued by sampling.
 
-General text barely triggers a task adapter, so a behavioural objective trained on it sees few
+General text barely triggers a task adapter, so a behavioural objective trained on it has few
 positions where the adapter acts. Sampling continuations from the source with its adapter
 gives text on which the adapter's own distribution has acted, without any task data: the only
 inputs are short general-corpus prefixes. The caller attaches the adapter (for example with
@@ -28,7 +28,7 @@ class ElicitConfig:
     Attributes:
         prefix_tokens: tokens of each general passage kept as the prompt.
         new_tokens: tokens sampled after each prefix.
-        temperature: sampling temperature; 1.0 samples the adapted model's own distribution.
+        temperature: sampling temperature. At 1.0 it samples the adapted model's own distribution.
         batch_size: prompts generated together.
         seed: seed of the sampling.
     """
@@ -63,7 +63,7 @@ def _left_padded(tokenizer, prompts: Sequence[str], pad_id: int, device):
 
 
 def _stop_tokens(model, tokenizer) -> set[int]:
-    """End-of-sequence ids of the model's generation settings and of the tokenizer."""
+    """Return the end-of-sequence ids of the model's generation settings and of the tokenizer."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is None:
         configured = []
