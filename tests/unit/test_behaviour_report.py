@@ -202,3 +202,17 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
     summary = next(line for line in page.splitlines() if line.startswith("| a->b, shakespeare"))
     # The elicited column comes after the general one, which was not run here.
     assert "| not run | 0.60 [0.50, 0.70] (distilled) | not run |" in summary
+
+
+def test_template_settings_need_sentiment(tmp_path):
+    behaviour = _load_behaviour()
+    with pytest.raises(SystemExit, match="supports --settings general elicited"):
+        behaviour.run(
+            "forward",
+            "shakespeare",
+            behaviour.Plan.quick(),
+            behaviour.Settings.quick(),
+            tmp_path,
+            tmp_path,
+            ("general", "template"),
+        )
