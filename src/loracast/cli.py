@@ -284,8 +284,13 @@ def _refine(args) -> int:
     check_output_free(Path(args.out).expanduser(), args.overwrite)
     if args.template and args.elicited:
         raise ValueError("--template and --elicited choose different texts; pass one of them")
+    text = "general"
+    if args.template:
+        text = "template"
+    elif args.elicited:
+        text = "elicited"
     config = RefineConfig(
-        text="template" if args.template else "elicited" if args.elicited else "general",
+        text=text,
         template=args.template,
         elicit=ElicitConfig(prefix_tokens=args.prefix_tokens),
         max_positions=args.max_positions,

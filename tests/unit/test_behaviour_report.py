@@ -192,11 +192,11 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
     shakespeare["runs"] = [source_row] + [
         {**row, "data": "text", "score": 1.5, "negative_flips": None} for row in students
     ]
-    kept = behaviour._other_results(tmp_path / "behaviour.json", shakespeare, quick=False)
-    behaviour.write_report(_document([*kept, shakespeare]), tmp_path)
+    earlier = behaviour._other_results(tmp_path / "behaviour.json", shakespeare, quick=False)
+    behaviour.write_report(_document([*earlier, shakespeare]), tmp_path)
 
     page = (tmp_path / "behaviour.md").read_text()
-    assert [result["task"] for result in kept] == ["sentiment"]
+    assert [result["task"] for result in earlier] == ["sentiment"]
     assert "| method | data it sees | bits per byte (lower is better) |" in page
     assert "| source-adapter |  | 1.700 |  |  |" in page
     summary = next(line for line in page.splitlines() if line.startswith("| a->b, shakespeare"))

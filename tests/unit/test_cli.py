@@ -129,7 +129,7 @@ def test_bake_writes_a_peft_folder_that_loads(model_folders, capsys):
 
 
 def _refine_args(model_folders, refined, *options: str) -> list[str]:
-    """Arguments of ``loracast refine`` on the cartridge that ``_transfer_args`` writes."""
+    """Return the arguments of ``loracast refine`` on the cartridge of ``_transfer_args``."""
     return [
         "-q",
         "refine",
