@@ -595,8 +595,10 @@ def _summary_lines(results: list[dict]) -> list[str]:
         ]
         cosine = "not run"
         if cartridge is not None and chosen["general"] is not None:
+            # Only a heads refinement measures the cartridge's cosine, at its step 0.
+            start = cartridge.get("behaviour_cosine")
             cosine = (
-                f"{_fmt(cartridge.get('behaviour_cosine'))} → "
+                f"{'not measured' if start is None else _fmt(start)} → "
                 f"{_fmt(chosen['general'].get('behaviour_cosine'))}"
             )
         lines.append(
