@@ -18,7 +18,7 @@ them when missing) and adds, for the chosen task:
 - ``refined-heads-elicited`` and ``distilled-lora-elicited``: the same on text elicited from the
   adapter, general-corpus prefixes of 8 tokens continued by sampling from the source with the
   adapter (``loracast.elicit``). No task data: the adapter writes the text on which it acts.
-  Default for arithmetic and Shakespeare; ``--settings`` adds it to sentiment;
+  The default for arithmetic and Shakespeare, and ``--settings`` adds it to sentiment;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loracast.align import truncate_text
+from loracast.eval.classification import pad_left, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +52,6 @@ class ElicitConfig:
             raise ValueError("invalid ElicitConfig: " + "; ".join(errors))
 
 
-def _left_padded(tokenizer, prompts: Sequence[str], pad_id: int, device):
-    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    width = max(map(len, encoded))
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate(encoded):
-        ids[row, width - len(tokens) :] = torch.tensor(tokens)
-        mask[row, width - len(tokens) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _stop_tokens(model, tokenizer) -> set[int]:
     """Return the end-of-sequence ids of the model's generation settings and of the tokenizer."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -84,7 +74,7 @@ def elicit_texts(
     """Yield, per passage, its first ``prefix_tokens`` tokens continued by sampling from ``model``.
 
     Texts are generated a batch at a time, so a caller that stops iterating early pays only for
-    what it read. A continuation stops at the end-of-sequence token; a passage whose prefix is
+    what it read. A continuation stops at the end-of-sequence token. A passage whose prefix is
     empty is skipped.
 
     Args:
@@ -97,9 +87,7 @@ def elicit_texts(
     config = config or ElicitConfig()
     prompts = [truncate_text(tokenizer, passage, config.prefix_tokens) for passage in passages]
     prompts = [prompt for prompt in prompts if prompt.strip()]
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     stops = _stop_tokens(model, tokenizer)
     device = next(model.parameters()).device
     generator_state = torch.random.get_rng_state()
@@ -111,7 +99,8 @@ def elicit_texts(
             disable=not show_progress,
         ):
             batch = prompts[start : start + config.batch_size]
-            ids, mask = _left_padded(tokenizer, batch, pad_id, device)
+            ids, mask = pad_left([tokenizer(prompt)["input_ids"] for prompt in batch], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
             with torch.no_grad():
                 output = model.generate(
                     input_ids=ids,

@@ -229,9 +229,9 @@ def _right_padded(tokenizer, texts: Sequence[str], device) -> tuple[torch.Tensor
 
 
 def _texts_and_pairs(source, target, kernels, passages, config, show_progress):
-    """Cut, fill or continue passages; return ``(texts, [(source_pos, target_pos), ...])``.
+    """Cut, fill or continue passages and return ``(texts, [(source_pos, target_pos), ...])``.
 
-    Stops once the texts hold ``config.max_positions`` aligned positions.
+    Stops once the texts contain ``config.max_positions`` aligned positions.
     """
     if config.text == "elicited":
         candidates = elicit_texts(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from loracast.eval.classification import encode_prompts, model_device, pad_token_id
+from loracast.eval.classification import encode_prompts, model_device, pad_left, pad_token_id
 from loracast.eval.sentiment import TaskSplits
 
 if TYPE_CHECKING:
@@ -203,17 +203,6 @@ def arithmetic_training_pairs(examples: Sequence[GenerationExample]) -> list[tup
     return [(example.prompt, " " + example.answer + "\n") for example in examples]
 
 
-def _pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``(input_ids, attention_mask)``, both ``(batch, max_len)``."""
-    max_len = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), max_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), max_len), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, max_len - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, max_len - len(ids) :] = 1
-    return input_ids, attention_mask
-
-
 def _generate_batch(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -226,7 +215,7 @@ def _generate_batch(
     # Left padding puts every prompt's last token in the last column, so each row's first new
     # token is generated from its own prompt. The attention mask hides the padding, and
     # transformers derives position ids from it.
-    input_ids, attention_mask = _pad_left(sequences, pad_id)
+    input_ids, attention_mask = pad_left(sequences, pad_id)
     # The tokenizer decides which id ends text: a tiny or converted model's generation config
     # may carry a default EOS id that means something else in this vocabulary.
     output = model.generate(

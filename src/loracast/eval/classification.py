@@ -108,6 +108,17 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into ``(input_ids, attention_mask)``, both ``(batch, max_len)``."""
+    max_len = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), max_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), max_len), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, max_len - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, max_len - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists into a batch.
 
