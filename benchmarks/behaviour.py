@@ -19,6 +19,10 @@ them when missing) and adds, for the chosen task:
   adapter, general-corpus prefixes of 8 tokens continued by sampling from the source with the
   adapter (``loracast.elicit``). No task data: the adapter writes the text on which it acts.
   The default for arithmetic and Shakespeare, and ``--settings`` adds it to sentiment;
+- ``*-elicited-sequence``: the same elicited text, trained by sequence-level distillation: the
+  student's next-token cross-entropy, over its whole vocabulary, on tokens the adapter sampled
+  (``RefineConfig.sequence_weight``), with no KL term. It needs no shared vocabulary;
+- ``*-elicited-mixed``: the tilted KL plus that cross-entropy, with equal weights;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -159,25 +163,38 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
     }
 
 
+def _refine_config(setting: str, plan: Plan) -> RefineConfig:
+    """Return the refinement settings of one text setting and objective."""
+    text = setting.split("-")[0]
+    return RefineConfig(
+        text=text,
+        template=PROMPT_TEMPLATE if text == "template" else None,
+        max_positions=plan.template_passages if text == "template" else plan.general_positions,
+        steps=plan.steps,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        max_grad_norm=plan.max_grad_norm,
+        centre_shift=setting == "template-centred",
+        kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
+        sequence_weight=1.0 if setting in ("elicited-sequence", "elicited-mixed") else 0.0,
+    )
+
+
 def _students(setup, plan, out, settings_run, kinds):
-    """Train every (setting, student) variant; returns ``{method: (kind, artifact, report)}``."""
-    students = {}
+    """Train every (setting, student) variant; returns ``{method: (kind, artifact, report)}``.
+
+    Settings that differ only in the objective share one teacher.
+    """
+    students, teachers = {}, {}
     for setting in settings_run:
-        text = "template" if setting.startswith("template") else setting
-        config = RefineConfig(
-            text=text,
-            template=PROMPT_TEMPLATE if text == "template" else None,
-            max_positions=plan.template_passages if text == "template" else plan.general_positions,
-            steps=plan.steps,
-            batch_size=plan.batch_size,
-            learning_rate=plan.learning_rate,
-            max_grad_norm=plan.max_grad_norm,
-            centre_shift=setting == "template-centred",
-        )
+        config = _refine_config(setting, plan)
         started = time.perf_counter()
-        teacher = build_teacher(
-            setup.source, setup.target, setup.kernels, setup.passages, setup.shared, config
-        )
+        key = (config.text, config.centre_shift)
+        if key not in teachers:
+            teachers[key] = build_teacher(
+                setup.source, setup.target, setup.kernels, setup.passages, setup.shared, config
+            )
+        teacher = teachers[key]
         teacher_seconds = time.perf_counter() - started
         if "heads" in kinds:
             refined, report = refine_cartridge(
@@ -193,18 +210,28 @@ def _students(setup, plan, out, settings_run, kinds):
     return students
 
 
-SETTINGS = ("general", "elicited", "template", "template-centred")
+SETTINGS = (
+    "general",
+    "elicited",
+    "elicited-sequence",
+    "elicited-mixed",
+    "template",
+    "template-centred",
+)
 # Settings run when --settings is not given. The template settings need a prompt template with
 # a free-text field, which only the sentiment task has.
 TASK_SETTINGS = {
     "sentiment": ("general", "template", "template-centred"),
-    "arithmetic": ("general", "elicited"),
-    "shakespeare": ("general", "elicited"),
+    "arithmetic": ("general", "elicited", "elicited-sequence", "elicited-mixed"),
+    "shakespeare": ("general", "elicited", "elicited-sequence", "elicited-mixed"),
 }
 DATA = {
     "general": "general corpus text only",
     "elicited": "general-corpus prefixes of 8 tokens continued by sampling from the source with "
     "the adapter (no task data)",
+    "elicited-sequence": "as elicited; trained on the sampled tokens' cross-entropy instead of "
+    "the tilted KL",
+    "elicited-mixed": "as elicited; tilted KL plus the sampled tokens' cross-entropy",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -329,7 +356,7 @@ def run(
     if task_name != "sentiment" and any(item.startswith("template") for item in settings_run):
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
-            f"supports --settings general elicited"
+            f"supports --settings general elicited elicited-sequence elicited-mixed"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -418,6 +445,7 @@ def _student_extra(report) -> dict:
         "train_seconds": round(report.seconds, 1),
         "behaviour_cosine": report.best["behaviour_cosine"],
         "held_out_kl": {"initial": report.initial["kl"], "best": report.best["kl"]},
+        "held_out_loss": {"initial": report.initial["loss"], "best": report.best["loss"]},
         "history": report.history,
     }
 
@@ -543,17 +571,22 @@ def _fmt(value, digits=3):
 
 
 def _chosen(rows: list[dict], setting: str) -> dict | None:
-    """Return the student of ``setting`` with the lowest held-out KL on corpus positions.
+    """Return the student of ``setting`` with the lowest held-out objective.
 
-    Both students of a setting share one teacher, so their KL values compare. The choice uses
-    no task data, so the test score of the chosen row stays an honest estimate.
+    Both students of a setting share one teacher and objective, so their values compare. The
+    choice uses no task data, so the test score of the chosen row stays an honest estimate.
+    Reports written before the objective had several terms have only the KL.
     """
     candidates = [
         row
         for row in rows
         if row["method"].split("-", 2)[-1] == setting and "best" in row.get("held_out_kl", {})
     ]
-    return min(candidates, key=lambda row: row["held_out_kl"]["best"], default=None)
+    return min(
+        candidates,
+        key=lambda row: row.get("held_out_loss", row["held_out_kl"])["best"],
+        default=None,
+    )
 
 
 def _interval(row: dict) -> str:
@@ -574,14 +607,15 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "## Summary",
         "",
         "Gain recovered with its 95% interval. In each setting the student (refined heads or",
-        "distilled LoRA) with the lower held-out KL on corpus positions is shown, so no test",
-        "score chose it. The behaviour cosine is measured on held-out corpus positions. The",
-        "template settings and the controls exist for sentiment only.",
+        "distilled LoRA) with the lower value of the setting's objective on held-out positions",
+        "is shown, so no test score chose it. The behaviour cosine is measured on held-out",
+        "corpus positions. The template settings and the controls exist for sentiment only.",
         "",
-        "| direction, task | cartridge | general text only | elicited text | template"
+        "| direction, task | cartridge | general text only | elicited text"
+        " | elicited, cross-entropy | elicited, KL + cross-entropy | template"
         " | template, centred | label-bias control | logit arithmetic"
         " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}

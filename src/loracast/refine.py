@@ -8,7 +8,11 @@ distribution tilted by the adapter's effect on the source:
 
 and the student, the target with the carried adapter, minimises KL(q* ‖ P_target+carried),
 with positions weighted by KL(P_source+adapter ‖ P_source), i.e. by how much the adapter acts
-there. Only general text is used, never task data. Three kinds of text are supported:
+there. On elicited text a second term is available: sequence-level distillation, the student's
+next-token cross-entropy over its full vocabulary on the tokens the adapter wrote. It needs no
+shared vocabulary, so it also carries the part of the adapter's change that falls on tokens
+only one tokenizer has. Only general text is used, never task data. Three kinds of text are
+supported:
 
 - ``general``: every aligned position of general-corpus passages (the strict setting);
 - ``elicited``: every aligned position of text sampled from the source with the adapter,
@@ -52,7 +56,7 @@ from loracast.capture import decoder_of
 from loracast.cartridge import Cartridge
 from loracast.elicit import ElicitConfig, elicit_texts
 from loracast.models import LoadedModel
-from loracast.vocabulary import SharedVocabulary, restricted_logits
+from loracast.vocabulary import SharedVocabulary, output_embeddings, restricted_logits
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,11 @@ class RefineConfig:
         lora_modules: module names of the ``lora`` student.
         seed: seed of the split, the batch order and the ``lora`` student's initialisation.
         elicit: sampling settings of the ``elicited`` text.
+        kl_weight: weight of the tilted KL term.
+        sequence_weight: weight of the sequence-level distillation term, the student's
+            next-token cross-entropy on the tokens the adapter wrote. Needs ``elicited`` text.
+        sequence_tokens: tokens per text scored by that term, spread evenly over the sampled
+            part; full-vocabulary logits are costly for large vocabularies.
     """
 
     text: str = "general"
@@ -106,6 +115,9 @@ class RefineConfig:
     lora_modules: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0
     elicit: ElicitConfig = field(default_factory=ElicitConfig)
+    kl_weight: float = 1.0
+    sequence_weight: float = 0.0
+    sequence_tokens: int = 32
 
     def __post_init__(self) -> None:
         errors = []
@@ -117,7 +129,14 @@ class RefineConfig:
             errors.append(
                 f"text='template' needs a template with a {{text}} field, got {self.template!r}"
             )
-        for name in ("max_tokens", "max_positions", "steps", "batch_size", "eval_every"):
+        for name in (
+            "max_tokens",
+            "max_positions",
+            "steps",
+            "batch_size",
+            "eval_every",
+            "sequence_tokens",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
@@ -129,6 +148,18 @@ class RefineConfig:
             errors.append(f"learning_rate must be positive, got {self.learning_rate!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             errors.append(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if not (self.kl_weight >= 0 and self.sequence_weight >= 0):
+            errors.append(
+                f"kl_weight and sequence_weight must be non-negative, got {self.kl_weight!r} "
+                f"and {self.sequence_weight!r}"
+            )
+        elif self.kl_weight + self.sequence_weight == 0:
+            errors.append("kl_weight and sequence_weight are both 0; set one of them above 0")
+        if self.sequence_weight > 0 and self.text != "elicited":
+            errors.append(
+                f"sequence_weight > 0 needs text='elicited' (the tokens the adapter wrote), "
+                f"got text={self.text!r}"
+            )
         if errors:
             raise ValueError("invalid RefineConfig: " + "; ".join(errors))
 
@@ -143,6 +174,9 @@ class TeacherSet:
         log_teacher: ``(n, n_shared)`` log q* (float16 to save memory), rows in text order.
         source_change: ``(n, n_shared)`` centred change of the source's log-probabilities.
         weights: ``(n,)`` position weights.
+        sequence_positions: per elicited text, the target positions whose next token the
+            adapter wrote and which the sequence-level term scores (empty for other text).
+        sequence_labels: per text, those next tokens' target ids.
     """
 
     texts: list[str]
@@ -150,6 +184,8 @@ class TeacherSet:
     log_teacher: torch.Tensor
     source_change: torch.Tensor
     weights: torch.Tensor
+    sequence_positions: list[list[int]] = field(default_factory=list)
+    sequence_labels: list[list[int]] = field(default_factory=list)
 
     def rows(self, index: int) -> slice:
         start = sum(len(item) for item in self.positions[:index])
@@ -312,6 +348,8 @@ def build_teacher(
     """
     texts, pairs = _texts_and_pairs(source, target, kernels, passages, config, show_progress)
     kept_texts, kept_positions, teacher, change, weights = [], [], [], [], []
+    sequence_positions: list[list[int]] = []
+    sequence_labels: list[list[int]] = []
     total = 0
     for text, aligned in tqdm(
         list(zip(texts, pairs, strict=True)), desc="Teacher", disable=not show_progress
@@ -339,6 +377,10 @@ def build_teacher(
         weights.append((log_adapted.exp() * shift).sum(-1).clamp_min(0.0))
         kept_texts.append(text)
         kept_positions.append(target_positions)
+        if config.text == "elicited":
+            positions, labels = _sampled_tokens(source, target, text, config)
+            sequence_positions.append(positions)
+            sequence_labels.append(labels)
         total += len(aligned)
     if not kept_texts:
         raise ValueError("no passage gave an aligned position; pass longer general-corpus passages")
@@ -354,7 +396,39 @@ def build_teacher(
         log_teacher=torch.cat(teacher),
         source_change=torch.cat(change),
         weights=torch.cat(weights),
+        sequence_positions=sequence_positions,
+        sequence_labels=sequence_labels,
     )
+
+
+def _sampled_tokens(source, target, text: str, config: RefineConfig) -> tuple[list[int], list[int]]:
+    """Target positions, and their next tokens, inside the part of ``text`` the adapter wrote.
+
+    The prompt is taken to be the characters read within the source's first
+    ``elicit.prefix_tokens`` tokens. At most ``sequence_tokens`` positions are kept, evenly
+    spaced.
+    """
+    prompt_chars = len(truncate_text(source.tokenizer, text, config.elicit.prefix_tokens))
+    encoded = encode(target.tokenizer, text)
+    candidates = [
+        index - 1
+        for index in range(1, len(encoded.input_ids))
+        if not encoded.special[index] and encoded.offsets[index][0] >= prompt_chars
+    ]
+    if len(candidates) > config.sequence_tokens:
+        step = len(candidates) / config.sequence_tokens
+        candidates = [candidates[int(k * step)] for k in range(config.sequence_tokens)]
+    return candidates, [encoded.input_ids[index + 1] for index in candidates]
+
+
+def _full_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits over the whole vocabulary from final hidden states ``(n, d)``."""
+    logits = output_embeddings(model)(hidden)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
 
 
 @dataclass
@@ -371,8 +445,13 @@ class _Student:
     switched_off: object
 
 
-def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, weighted):
-    """Weighted KL(q* ‖ student) over the positions of texts ``indices``, and the log-probs."""
+def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, config, weighted):
+    """The objective on texts ``indices``: its value, its terms and the student's log-probs.
+
+    The terms are the weighted KL(q* ‖ student) over aligned positions (``kl``) and, when
+    ``config.sequence_weight`` is above 0, the next-token cross-entropy on the sampled tokens
+    (``sequence_ce``).
+    """
     device = student.parameters[0].device
     ids, mask = _right_padded(student.tokenizer, [teacher.texts[i] for i in indices], device)
     hidden = _final_hidden(student.model, ids, mask)  # (batch, seq, d_target)
@@ -383,25 +462,40 @@ def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, weighte
 
     spans = [teacher.rows(i) for i in indices]
     log_teacher = torch.cat([teacher.log_teacher[span] for span in spans]).float().to(device)
-    loss = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # (n,)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # (n,)
     if weighted:
         weight = torch.cat([teacher.weights[span] for span in spans]).to(device)
     else:
-        weight = torch.ones_like(loss)
+        weight = torch.ones_like(kl)
     sizes = [len(teacher.positions[i]) for i in indices]
     log_probs = list(log_student.detach().cpu().split(sizes))
-    return (loss * weight).sum() / weight.sum().clamp_min(1e-12), log_probs
+    terms = {"kl": (kl * weight).sum() / weight.sum().clamp_min(1e-12)}
+    loss = config.kl_weight * terms["kl"]
+    if config.sequence_weight > 0:
+        rows = [torch.full((len(teacher.sequence_positions[i]),), k) for k, i in enumerate(indices)]
+        columns = [torch.tensor(teacher.sequence_positions[i], dtype=torch.long) for i in indices]
+        labels = torch.tensor(
+            [label for i in indices for label in teacher.sequence_labels[i]], dtype=torch.long
+        )
+        if labels.numel():
+            sampled = hidden[torch.cat(rows).to(device), torch.cat(columns).to(device)]
+            logits = _full_logits(student.model, sampled)
+            terms["sequence_ce"] = F.cross_entropy(logits, labels.to(device))
+            loss = loss + config.sequence_weight * terms["sequence_ce"]
+    return loss, {name: float(value.detach()) for name, value in terms.items()}, log_probs
 
 
-def _evaluate(student: _Student, teacher, indices, shared, reference, weighted) -> dict:
-    """Held-out KL and behaviour cosine of the student; ``reference`` is the target alone."""
+def _evaluate(student: _Student, teacher, indices, shared, reference, config) -> dict:
+    """Held-out objective, its terms and the behaviour cosine; ``reference`` is the target alone."""
     with torch.no_grad():
-        loss, log_probs = _batch_loss(student, teacher, indices, shared, weighted)
+        loss, terms, log_probs = _batch_loss(
+            student, teacher, indices, shared, config, config.weight_positions
+        )
     change = torch.cat(log_probs) - torch.cat(reference)  # (n, n_shared)
     change = change - change.mean(-1, keepdim=True)
     source_change = torch.cat([teacher.source_change[teacher.rows(i)].float() for i in indices])
     cosine = F.cosine_similarity(change.flatten(), source_change.flatten(), dim=0)
-    return {"kl": float(loss), "behaviour_cosine": float(cosine)}
+    return {"loss": float(loss), **terms, "behaviour_cosine": float(cosine)}
 
 
 def _split(n_texts: int, config: RefineConfig) -> tuple[list[int], list[int]]:
@@ -424,25 +518,26 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
     )
     started = time.perf_counter()
     with student.switched_off(), torch.no_grad():
-        _, reference = _batch_loss(student, teacher, val, shared, False)
+        _, _, reference = _batch_loss(student, teacher, val, shared, config, False)
 
     def evaluate(step: int, **extra) -> float:
-        entry = _evaluate(student, teacher, val, shared, reference, config.weight_positions)
+        entry = _evaluate(student, teacher, val, shared, reference, config)
         report.history.append({"step": step, **entry, **extra})
         logger.info(
-            "step %d: held-out KL %.4f, behaviour cosine %.3f",
+            "step %d: held-out loss %.4f (KL %.4f), behaviour cosine %.3f",
             step,
+            entry["loss"],
             entry["kl"],
             entry["behaviour_cosine"],
         )
-        return entry["kl"]
+        return entry["loss"]
 
     best = (evaluate(0), [parameter.detach().clone() for parameter in student.parameters])
     optimizer = torch.optim.AdamW(student.parameters, lr=config.learning_rate, weight_decay=0.0)
     rng = random.Random(config.seed + 1)
     for step in tqdm(range(1, config.steps + 1), desc="Refining", disable=not show_progress):
         batch = rng.sample(train, min(config.batch_size, len(train)))
-        loss, _ = _batch_loss(student, teacher, batch, shared, config.weight_positions)
+        loss, _, _ = _batch_loss(student, teacher, batch, shared, config, config.weight_positions)
         if not torch.isfinite(loss):
             logger.warning(
                 "refinement loss became %s at step %d; stopping with the best state so far "
@@ -459,7 +554,7 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
             torch.nn.utils.clip_grad_norm_(student.parameters, config.max_grad_norm)
         optimizer.step()
         if step % config.eval_every == 0 or step == config.steps:
-            held_out = evaluate(step, train_kl=loss.item())
+            held_out = evaluate(step, train_loss=loss.item())
             if held_out < best[0]:
                 best = (held_out, [parameter.detach().clone() for parameter in student.parameters])
                 report.best_step = step
@@ -469,10 +564,10 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
     report.seconds = time.perf_counter() - started
     if report.best_step == 0:
         logger.warning(
-            "%s refinement never lowered the held-out KL below its start (%.4f), so the student "
+            "%s refinement never lowered the held-out loss below its start (%.4f), so the student "
             "is unchanged; lower RefineConfig.learning_rate (now %g) or set max_grad_norm",
             name,
-            report.initial["kl"],
+            report.initial["loss"],
             config.learning_rate,
         )
     return report
@@ -521,6 +616,8 @@ def refine_cartridge(
     refined.requires_grad_(False)
     refined.refinement = {
         "objective": "tilted_kl_shared_vocabulary",
+        "kl_weight": config.kl_weight,
+        "sequence_weight": config.sequence_weight,
         "text": config.text,
         "template": config.template,
         "report": asdict(report),

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from loracast.align import truncate_text
+from loracast.align import encode, truncate_text
 from loracast.elicit import ElicitConfig, elicit_texts
-from loracast.refine import RefineConfig, build_teacher, kernel_hooks
+from loracast.refine import (
+    RefineConfig,
+    _batch_loss,
+    _Student,
+    build_teacher,
+    distil_lora,
+    kernel_hooks,
+)
 from tests.unit.test_refine import setup  # noqa: F401  (fixture)
 
 SMALL = ElicitConfig(prefix_tokens=4, new_tokens=12, batch_size=3)
@@ -89,3 +97,78 @@ def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="temperature must be positive"):
         ElicitConfig(temperature=0.0)
     assert RefineConfig(elicit={"prefix_tokens": 3}).elicit == ElicitConfig(prefix_tokens=3)
+
+
+SEQUENCE = {"text": "elicited", "elicit": SMALL, "sequence_weight": 1.0, "sequence_tokens": 5}
+
+
+def test_sequence_term_scores_only_sampled_tokens(setup, tiny_source, tiny_target, tiny_corpus):  # noqa: F811
+    _, adapter, shared = setup
+    config = RefineConfig(max_positions=60, **SEQUENCE)
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+    assert len(teacher.sequence_positions) == len(teacher.texts)
+    for text, positions, labels in zip(
+        teacher.texts, teacher.sequence_positions, teacher.sequence_labels, strict=True
+    ):
+        assert 0 < len(positions) <= 5
+        encoded = encode(tiny_target.tokenizer, text)
+        prompt = truncate_text(tiny_source.tokenizer, text, SMALL.prefix_tokens)
+        for position, label in zip(positions, labels, strict=True):
+            assert encoded.input_ids[position + 1] == label
+            assert encoded.offsets[position + 1][0] >= len(prompt)
+
+
+def test_sequence_term_is_the_models_cross_entropy(setup, tiny_source, tiny_target, tiny_corpus):  # noqa: F811
+    _, adapter, shared = setup
+    config = RefineConfig(max_positions=60, **SEQUENCE)
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    student = _Student(tiny_target.model, tiny_target.tokenizer, [parameter], None)
+    with torch.no_grad():
+        _, terms, _ = _batch_loss(student, teacher, [0, 1], shared, config, True)
+        losses = []
+        for index in (0, 1):
+            ids = tiny_target.tokenizer(teacher.texts[index], return_tensors="pt")["input_ids"]
+            logits = tiny_target.model(input_ids=ids).logits[0, teacher.sequence_positions[index]]
+            labels = torch.tensor(teacher.sequence_labels[index])
+            losses.append(F.cross_entropy(logits, labels, reduction="none"))
+    assert terms["sequence_ce"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-4)
+
+
+def test_sequence_distillation_lowers_held_out_cross_entropy(
+    setup,  # noqa: F811
+    tiny_source,
+    tiny_target,
+    tiny_corpus,
+    tmp_path,  # noqa: F811
+):
+    _, adapter, shared = setup
+    config = RefineConfig(
+        max_positions=200,
+        steps=12,
+        batch_size=4,
+        eval_every=4,
+        learning_rate=1e-2,
+        kl_weight=0.0,
+        **SEQUENCE,
+    )
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+    report = distil_lora(
+        tiny_target, teacher, shared, tmp_path / "distilled", config, show_progress=False
+    )
+    assert report.best_step > 0
+    assert report.best["sequence_ce"] < report.initial["sequence_ce"]
+    assert report.best["loss"] == pytest.approx(report.best["sequence_ce"])
+
+
+def test_sequence_weight_needs_elicited_text():
+    with pytest.raises(ValueError, match="sequence_weight > 0 needs text='elicited'"):
+        RefineConfig(sequence_weight=1.0)
+    with pytest.raises(ValueError, match="both 0"):
+        RefineConfig(text="elicited", kl_weight=0.0)
