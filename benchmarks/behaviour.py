@@ -90,6 +90,8 @@ from loracast.vocabulary import shared_vocabulary  # noqa: E402
 logger = logging.getLogger("behaviour")
 
 DEFAULT_BRIDGE = "cartridge-mlp-seed0"
+# Rows every comparison starts with; students follow them.
+BASE_ROWS = ("target-base", "target-retrained", "source-base", "source-adapter", DEFAULT_BRIDGE)
 HELD_OUT_PASSAGES = 24
 
 
@@ -688,6 +690,7 @@ def write_report(document: dict, out: Path) -> None:
                 f"{_fmt(row.get('general_bpb_change'), 4)} | {_fmt(row.get('train_seconds'), 0)} |"
             )
         lines.append("")
+        lines += _earlier_run_lines(result)
         if "corpus_size" in result:
             main_row = next(
                 (row for row in result["runs"] if row["method"] == "distilled-lora-general"), None
@@ -695,6 +698,21 @@ def write_report(document: dict, out: Path) -> None:
             positions = document.get("plan", {}).get("general_positions")
             lines += _corpus_size_lines(result["corpus_size"], main_row, positions)
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
+
+
+def _earlier_run_lines(result: dict) -> list[str]:
+    """Name the command of each row that an earlier run produced."""
+    current = result.get("run", {}).get("command")
+    earlier = [row for row in result["runs"] if row.get("run") and row["run"]["command"] != current]
+    if not earlier:
+        return []
+    lines = ["Rows kept from earlier runs:", ""]
+    for row in earlier:
+        info = row["run"]
+        lines.append(
+            f"- {row['method']}: `{info['command']}`, commit {info['commit']}, {info['date']}."
+        )
+    return [*lines, ""]
 
 
 def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | None) -> list[str]:
@@ -728,22 +746,70 @@ def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | N
     return lines
 
 
-def _other_results(path: Path, result: dict, quick: bool) -> list[dict]:
-    """Return the results of other directions and tasks from an earlier report of the same mode.
+STUDENT_PREFIXES = ("refined-heads-", "distilled-lora-")
+
+
+def _student_order(method: str) -> tuple[int, int]:
+    for kind, prefix in enumerate(STUDENT_PREFIXES):
+        if method.startswith(prefix):
+            setting = method[len(prefix) :]
+            return (SETTINGS.index(setting) if setting in SETTINGS else len(SETTINGS), kind)
+    raise ValueError(f"{method!r} is not a student row")
+
+
+def merge_earlier(earlier: dict, result: dict) -> dict:
+    """Add to ``result`` the student rows of ``earlier`` (same direction and task) it lacks.
+
+    A rerun with some settings thus replaces those settings' rows and keeps the others. Each
+    kept row records the command that produced it under ``run``. The other rows (bases,
+    cartridge, controls) come from the new run.
+    """
+    new_methods = {row["method"] for row in result["runs"]}
+    kept = [
+        {**row, "run": row.get("run", earlier.get("run"))}
+        for row in earlier["runs"]
+        if row["method"].startswith(STUDENT_PREFIXES) and row["method"] not in new_methods
+    ]
+    students = [row for row in result["runs"] if row["method"].startswith(STUDENT_PREFIXES)]
+    others = [row for row in result["runs"] if not row["method"].startswith(STUDENT_PREFIXES)]
+    first_after = next(
+        (index for index, row in enumerate(others) if row["method"] not in BASE_ROWS),
+        len(others),
+    )
+    students = sorted(students + kept, key=lambda row: _student_order(row["method"]))
+    merged = {**result, "runs": others[:first_after] + students + others[first_after:]}
+    cartridge = next((row for row in merged["runs"] if row["method"] == DEFAULT_BRIDGE), None)
+    earlier_cartridge = next(
+        (row for row in earlier["runs"] if row["method"] == DEFAULT_BRIDGE), None
+    )
+    if cartridge is not None and earlier_cartridge is not None:
+        # Only a heads refinement measures the cartridge's held-out figures, at its step 0.
+        for key in ("behaviour_cosine", "held_out_kl"):
+            if key not in cartridge and key in earlier_cartridge:
+                cartridge[key] = earlier_cartridge[key]
+    if "corpus_size" in earlier and "corpus_size" not in merged:
+        merged["corpus_size"] = earlier["corpus_size"]
+    return merged
+
+
+def _stored_results(path: Path, result: dict, quick: bool) -> list[dict]:
+    """Return the earlier report's results of the same mode with ``result`` put in.
 
     Each direction and task is a separate command, so the report keeps those not rerun, with the
-    command, commit and date that produced them.
+    command, commit and date that produced them. A stored result of the same direction and task
+    is merged (``merge_earlier``) and keeps its place.
     """
-    if not path.exists():
-        return []
-    earlier = json.loads(path.read_text())
+    earlier = json.loads(path.read_text()) if path.exists() else {}
     if earlier.get("quick") != quick:
-        return []
-    return [
-        other
-        for other in earlier.get("results", [])
-        if (other["direction"], other["task"]) != (result["direction"], result["task"])
-    ]
+        return [result]
+    results, placed = [], False
+    for other in earlier.get("results", []):
+        if (other["direction"], other["task"]) == (result["direction"], result["task"]):
+            results.append(merge_earlier(other, result))
+            placed = True
+        else:
+            results.append(other)
+    return results if placed else [*results, result]
 
 
 def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -> int:
@@ -875,7 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     result["run"] = {key: document[key] for key in ("date", "commit", "command", "wall_seconds")}
-    document["results"] = [*_other_results(out / "behaviour.json", result, args.quick), result]
+    document["results"] = _stored_results(out / "behaviour.json", result, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     write_report(document, out)
     print(f"report written to {out}")

@@ -60,8 +60,8 @@ def test_report_keeps_the_other_direction(tmp_path):
     behaviour.write_report(_document([forward]), tmp_path)
 
     reverse = _result("b->a", "python benchmarks/behaviour.py --direction reverse")
-    other_results = behaviour._other_results(tmp_path / "behaviour.json", reverse, quick=False)
-    behaviour.write_report(_document([*other_results, reverse]), tmp_path)
+    results = behaviour._stored_results(tmp_path / "behaviour.json", reverse, quick=False)
+    behaviour.write_report(_document(results), tmp_path)
 
     saved = json.loads((tmp_path / "behaviour.json").read_text())
     page = (tmp_path / "behaviour.md").read_text()
@@ -71,14 +71,61 @@ def test_report_keeps_the_other_direction(tmp_path):
     assert "`python benchmarks/behaviour.py --direction reverse`" in page
 
 
-def test_merge_skips_same_direction_and_mode(tmp_path):
+def test_results_of_another_mode_are_dropped(tmp_path):
     behaviour = _load_behaviour()
     path = tmp_path / "behaviour.json"
     behaviour.write_report(_document([_result("a->b", "old")], quick=True), tmp_path)
+    new = _result("b->a", "new")
 
-    assert behaviour._other_results(path, _result("b->a", "new"), quick=False) == []
-    assert behaviour._other_results(path, _result("a->b", "new"), quick=True) == []
-    assert behaviour._other_results(tmp_path / "missing.json", _result("a->b", "x"), False) == []
+    assert behaviour._stored_results(path, new, quick=False) == [new]
+    assert behaviour._stored_results(tmp_path / "missing.json", new, quick=False) == [new]
+
+
+def _scored_row(method: str, gain: float, kl: float) -> dict:
+    return {**_student_row(method, gain, kl), "data": "text", "score": 0.5}
+
+
+def test_rerun_of_some_settings_keeps_the_others(tmp_path):
+    behaviour = _load_behaviour()
+    earlier = _result("a->b", "python benchmarks/behaviour.py")
+    cartridge = _scored_row("cartridge-mlp-seed0", 0.3, 2.0)
+    earlier["runs"] += [
+        cartridge,
+        _scored_row("refined-heads-general", 0.2, 0.5),
+        _scored_row("distilled-lora-general", 0.1, 0.6),
+        _scored_row("distilled-lora-template", 0.4, 0.4),
+    ]
+    behaviour.write_report(_document([earlier, _result("b->a", "reverse")]), tmp_path)
+    command = "python benchmarks/behaviour.py --settings elicited general --students lora"
+    new = _result("a->b", command)
+    new["runs"] += [
+        {key: value for key, value in cartridge.items() if key != "held_out_kl"},
+        _scored_row("distilled-lora-general", 0.15, 0.55),
+        _scored_row("distilled-lora-elicited", 0.5, 0.3),
+        _scored_row("control-label-bias", 0.8, 0.0),
+    ]
+
+    results = behaviour._stored_results(tmp_path / "behaviour.json", new, quick=False)
+    behaviour.write_report(_document(results), tmp_path)
+
+    assert [result["direction"] for result in results] == ["a->b", "b->a"]
+    merged = {row["method"]: row for row in results[0]["runs"]}
+    assert list(merged) == [
+        "target-base",
+        "cartridge-mlp-seed0",
+        "refined-heads-general",
+        "distilled-lora-general",
+        "distilled-lora-elicited",
+        "distilled-lora-template",
+        "control-label-bias",
+    ]
+    assert merged["distilled-lora-general"]["gain_recovered"] == 0.15
+    assert "run" not in merged["distilled-lora-general"]
+    assert merged["refined-heads-general"]["run"]["command"] == "python benchmarks/behaviour.py"
+    assert merged["cartridge-mlp-seed0"]["held_out_kl"] == {"initial": 1.0, "best": 2.0}
+    page = (tmp_path / "behaviour.md").read_text()
+    assert "- distilled-lora-template: `python benchmarks/behaviour.py`, commit abc" in page
+    assert f"Command: `{command}`" in page
 
 
 def _corpus_size_row(positions: int, gain: float) -> dict:
@@ -192,11 +239,11 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
     shakespeare["runs"] = [source_row] + [
         {**row, "data": "text", "score": 1.5, "negative_flips": None} for row in students
     ]
-    earlier = behaviour._other_results(tmp_path / "behaviour.json", shakespeare, quick=False)
-    behaviour.write_report(_document([*earlier, shakespeare]), tmp_path)
+    results = behaviour._stored_results(tmp_path / "behaviour.json", shakespeare, quick=False)
+    behaviour.write_report(_document(results), tmp_path)
 
     page = (tmp_path / "behaviour.md").read_text()
-    assert [result["task"] for result in earlier] == ["sentiment"]
+    assert [result["task"] for result in results] == ["sentiment", "shakespeare"]
     assert "| method | data it sees | bits per byte (lower is better) |" in page
     assert "| source-adapter |  | 1.700 |  |  |" in page
     summary = next(line for line in page.splitlines() if line.startswith("| a->b, shakespeare"))
@@ -206,7 +253,7 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
 
 def test_template_settings_need_sentiment(tmp_path):
     behaviour = _load_behaviour()
-    with pytest.raises(SystemExit, match="supports --settings general elicited"):
+    with pytest.raises(SystemExit, match="supports --settings general elicited elicited-sequence"):
         behaviour.run(
             "forward",
             "shakespeare",
