@@ -298,6 +298,8 @@ def _refine(args) -> int:
         learning_rate=args.learning_rate,
         max_grad_norm=args.max_grad_norm,
         centre_shift=args.centre_shift,
+        kl_weight=args.kl_weight,
+        sequence_weight=args.sequence_weight,
     )
     corpus = load_corpus(
         args.corpus,
@@ -318,8 +320,15 @@ def _refine(args) -> int:
     )
     refined.save(args.out, overwrite=args.overwrite)
     print(f"refined cartridge saved to {args.out}")
+    sequence = (
+        f"sampled-token cross-entropy {report.initial['sequence_ce']:.4f} -> "
+        f"{report.best['sequence_ce']:.4f}, "
+        if "sequence_ce" in report.best
+        else ""
+    )
     print(
-        f"held-out KL {report.initial['kl']:.4f} -> {report.best['kl']:.4f}, behaviour cosine "
+        f"held-out KL {report.initial['kl']:.4f} -> {report.best['kl']:.4f}, {sequence}"
+        "behaviour cosine "
         f"{report.initial['behaviour_cosine']:.3f} -> {report.best['behaviour_cosine']:.3f} "
         f"(best step {report.best_step} of {config.steps}, {report.seconds:.0f} s)"
     )
@@ -426,6 +435,16 @@ def _add_refine_parser(commands) -> None:
         type=int,
         default=8,
         help="with --elicited, source tokens of each corpus passage kept as the prompt",
+    )
+    refining.add_argument(
+        "--kl-weight", type=float, default=1.0, help="weight of the tilted KL term"
+    )
+    refining.add_argument(
+        "--sequence-weight",
+        type=float,
+        default=0.0,
+        help="with --elicited, weight of the next-token cross-entropy on the tokens the adapter "
+        "sampled (sequence-level distillation; default 0: off)",
     )
     refining.add_argument(
         "--centre-shift",

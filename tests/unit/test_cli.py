@@ -193,10 +193,14 @@ def test_refine_on_elicited_text(model_folders, capsys):
         "--elicited",
         "--prefix-tokens",
         "5",
+        "--sequence-weight",
+        "0.5",
     )
-    assert main(arguments) == 0, capsys.readouterr().out
+    assert main(arguments) == 0
+    assert "sampled-token cross-entropy" in capsys.readouterr().out
     config = json.loads((refined / "cartridge.json").read_text())
     assert config["refinement"]["text"] == "elicited"
+    assert config["refinement"]["sequence_weight"] == 0.5
     assert config["refinement"]["report"]["config"]["elicit"]["prefix_tokens"] == 5
 
     assert main([*arguments, "--overwrite", "--template", "Note: {text}\nLabel:"]) == 2
