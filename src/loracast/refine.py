@@ -402,7 +402,7 @@ def build_teacher(
 
 
 def _sampled_tokens(source, target, text: str, config: RefineConfig) -> tuple[list[int], list[int]]:
-    """Target positions, and their next tokens, inside the part of ``text`` the adapter wrote.
+    """Return target positions, and their next tokens, in the part of ``text`` the adapter wrote.
 
     The prompt is taken to be the characters read within the source's first
     ``elicit.prefix_tokens`` tokens. At most ``sequence_tokens`` positions are kept, evenly
@@ -422,7 +422,7 @@ def _sampled_tokens(source, target, text: str, config: RefineConfig) -> tuple[li
 
 
 def _full_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits over the whole vocabulary from final hidden states ``(n, d)``."""
+    """Return next-token logits over the whole vocabulary from final hidden states ``(n, d)``."""
     logits = output_embeddings(model)(hidden)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cap = getattr(base.config, "final_logit_softcapping", None)
@@ -446,7 +446,7 @@ class _Student:
 
 
 def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, config, weighted):
-    """The objective on texts ``indices``: its value, its terms and the student's log-probs.
+    """Compute the objective on texts ``indices``: its value, its terms and the student's log-probs.
 
     The terms are the weighted KL(q* ‖ student) over aligned positions (``kl``) and, when
     ``config.sequence_weight`` is above 0, the next-token cross-entropy on the sampled tokens
