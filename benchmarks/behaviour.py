@@ -53,7 +53,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -444,6 +444,7 @@ def _cartridge_start(students: dict) -> dict:
 
 def _student_extra(report) -> dict:
     return {
+        "positions": report.positions,
         "train_seconds": round(report.seconds, 1),
         "behaviour_cosine": report.best["behaviour_cosine"],
         "held_out_kl": {"initial": report.initial["kl"], "best": report.best["kl"]},
@@ -499,64 +500,66 @@ def _run_task(setup: Setup, students: dict, out: Path) -> dict:
 
 
 def run_corpus_sizes(
-    direction: str, sizes: list[int], plan: Plan, settings: Settings, cache: Path, out: Path
+    direction: str,
+    task_name: str,
+    setting: str,
+    sizes: list[int],
+    plan: Plan,
+    settings: Settings,
+    cache: Path,
+    out: Path,
 ) -> list[dict]:
-    """Measure the strict-setting distilled LoRA's gain recovered against the amount of text.
+    """Measure the distilled LoRA of one setting's gain recovered against the amount of text.
 
     Each size caps the teacher's aligned positions, held-out ones included. Steps, batch size
-    and learning rate stay the plan's, so only the variety of text changes between rows.
+    and learning rate stay the plan's, so only the amount of text changes between rows.
     """
-    setup = _setup(direction, "sentiment", settings, cache)
+    setup = _setup(direction, task_name, settings, cache)
     target = setup.target
 
-    def sentiment(model):
-        return _sentiment(model, target.tokenizer, setup.test)[0]
+    if task_name == "sentiment":
 
-    base = sentiment(target.model)
-    reference = _with_adapter(target, setup.retrained, sentiment)
+        def score(model):
+            return _sentiment(model, target.tokenizer, setup.test)[0]
+
+    else:
+
+        def score(model):
+            return setup.task.evaluate(model, target.tokenizer, setup.test)
+
+    base = score(target.model)
+    reference = _with_adapter(target, setup.retrained, score)
     base_bpb = _bits_per_byte(target.model, target.tokenizer, setup.held_out)
-    labels = torch.tensor(base.labels)
     rows = []
     for size in sizes:
-        config = RefineConfig(
-            text="general",
-            max_positions=size,
-            steps=plan.steps,
-            batch_size=plan.batch_size,
-            learning_rate=plan.learning_rate,
-            max_grad_norm=plan.max_grad_norm,
-        )
+        config = replace(_refine_config(setting, plan), max_positions=size)
         started = time.perf_counter()
         teacher = build_teacher(
             setup.source, target, setup.kernels, setup.passages, setup.shared, config
         )
-        folder = out / f"distilled-lora-general-{size}"
+        folder = out / f"distilled-lora-{setting}-{size}"
         report = distil_lora(target, teacher, setup.shared, folder, config)
-        seconds = time.perf_counter() - started
-        result = _with_adapter(target, folder, sentiment)
-        bpb_change = (
-            _with_adapter(
+        extra = {
+            "positions": report.positions,
+            "passages": len(teacher.texts),
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "behaviour_cosine": report.best["behaviour_cosine"],
+            "general_bpb_change": _with_adapter(
                 target,
                 folder,
                 lambda model: _bits_per_byte(model, target.tokenizer, setup.held_out),
             )
-            - base_bpb
-        )
-        rows.append(
-            _row(
-                "distilled-lora-general",
-                result.scores,
-                labels,
-                base.scores,
-                reference.scores,
-                DATA["general"],
-                positions=report.positions,
-                passages=len(teacher.texts),
-                train_seconds=round(seconds, 1),
-                behaviour_cosine=report.best["behaviour_cosine"],
-                general_bpb_change=bpb_change,
+            - base_bpb,
+        }
+        result = _with_adapter(target, folder, score)
+        method, data = f"distilled-lora-{setting}", DATA[setting]
+        if task_name == "sentiment":
+            labels = torch.tensor(base.labels)
+            rows.append(
+                _row(method, result.scores, labels, base.scores, reference.scores, data, **extra)
             )
-        )
+        else:
+            rows.append(_task_row(method, setup.task, result, base, reference, data, **extra))
     return rows
 
 
@@ -692,11 +695,14 @@ def write_report(document: dict, out: Path) -> None:
         lines.append("")
         lines += _earlier_run_lines(result)
         if "corpus_size" in result:
-            main_row = next(
-                (row for row in result["runs"] if row["method"] == "distilled-lora-general"), None
-            )
-            positions = document.get("plan", {}).get("general_positions")
-            lines += _corpus_size_lines(result["corpus_size"], main_row, positions)
+            ablation = result["corpus_size"]
+            method = f"distilled-lora-{ablation.get('setting', 'general')}"
+            main_row = next((row for row in result["runs"] if row["method"] == method), None)
+            # Rows written before students recorded their positions used the plan's number.
+            positions = None if main_row is None else main_row.get("positions")
+            if positions is None and "run" not in (main_row or {}):
+                positions = document.get("plan", {}).get("general_positions")
+            lines += _corpus_size_lines(ablation, main_row, positions, metric)
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
 
 
@@ -715,17 +721,20 @@ def _earlier_run_lines(result: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | None) -> list[str]:
+def _corpus_size_lines(
+    ablation: dict, main_row: dict | None, positions: int | None, metric: str = "accuracy"
+) -> list[str]:
     run_info = ablation["run"]
+    setting = ablation.get("setting", "general")
     lines = [
-        "### Gain recovered against the amount of general text",
+        f"### Gain recovered against the amount of text ({setting})",
         "",
-        "The strict-setting distilled LoRA, with the plan's steps, batch size and learning",
-        "rate. Only the number of aligned positions the teacher covers changes. "
-        f"Command: `{run_info['command']}`, commit {run_info['commit']}, {run_info['date']}, "
-        f"{run_info['wall_seconds']} s.",
+        f"The distilled LoRA of the {setting} setting ({DATA[setting]}), with the plan's steps,",
+        "batch size and learning rate. Only the number of aligned positions the teacher covers",
+        f"changes. Command: `{run_info['command']}`, commit {run_info['commit']}, "
+        f"{run_info['date']}, {run_info['wall_seconds']} s.",
         "",
-        "| aligned positions | passages | accuracy | gain recovered | 95% interval | push"
+        f"| aligned positions | passages | {metric} | gain recovered | 95% interval | push"
         " | behaviour cosine | general bpb change | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -738,7 +747,7 @@ def _corpus_size_lines(ablation: dict, main_row: dict | None, positions: int | N
         lines.append(
             f"| {row['positions']} | {row['passages']} | {_fmt(row['score'])} | "
             f"{_fmt(row['gain_recovered'], 2)} | [{interval[0]:.2f}, {interval[1]:.2f}] | "
-            f"{_fmt(row['push_toward_correct_label'], 2)} | "
+            f"{_fmt(row.get('push_toward_correct_label'), 2)} | "
             f"{_fmt(row['behaviour_cosine'], 3)} | {_fmt(row['general_bpb_change'], 4)} | "
             f"{_fmt(row['train_seconds'], 0)} |"
         )
@@ -821,20 +830,33 @@ def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -
     direction = f"{source_name}->{target_name}"
     results = [] if document is None else document["results"]
     result = next(
-        (
-            item
-            for item in results
-            if item["direction"] == direction and item["task"] == "sentiment"
-        ),
+        (item for item in results if item["direction"] == direction and item["task"] == args.task),
         None,
     )
     if result is None or document.get("quick") != args.quick:
         raise SystemExit(
-            f"{path} has no {'quick ' if args.quick else ''}result for {direction}. Run "
-            f"`python benchmarks/behaviour.py --direction {args.direction}` first"
+            f"{path} has no {'quick ' if args.quick else ''}{args.task} result for {direction}. "
+            f"Run `python benchmarks/behaviour.py --task {args.task} --direction "
+            f"{args.direction}` first"
         )
-    rows = run_corpus_sizes(args.direction, args.corpus_sizes, plan, settings, cache, artifacts)
+    settings_run = args.settings or ["general"]
+    if len(settings_run) != 1 or settings_run[0].startswith("template"):
+        raise SystemExit(
+            f"--corpus-sizes measures one setting of general or elicited text, got --settings "
+            f"{' '.join(settings_run)}"
+        )
+    rows = run_corpus_sizes(
+        args.direction,
+        args.task,
+        settings_run[0],
+        args.corpus_sizes,
+        plan,
+        settings,
+        cache,
+        artifacts,
+    )
     result["corpus_size"] = {
+        "setting": settings_run[0],
         "rows": rows,
         "run": {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -889,9 +911,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="instead of the main comparison, train the strict-setting distilled LoRA on this many "
-        "aligned positions of general text per row and add the rows to the existing sentiment "
-        "report",
+        help="instead of the main comparison, train the distilled LoRA of one setting (--settings, "
+        "default general) on this many aligned positions per row and add the rows to the "
+        "existing report of the task and direction",
     )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
@@ -917,8 +939,6 @@ def main(argv: list[str] | None = None) -> int:
     artifacts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.corpus_sizes:
-        if args.task != "sentiment":
-            parser.error("--corpus-sizes is measured on sentiment only; drop --task")
         return _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started)
     settings_run = tuple(args.settings) if args.settings else None
     result = run(

@@ -155,17 +155,42 @@ def test_report_renders_corpus_sizes(tmp_path):
             "wall_seconds": 2.0,
         },
     }
-    forward["runs"].append({**_corpus_size_row(0, 0.5), "data": "general", "negative_flips": 0})
+    main_row = {**_corpus_size_row(0, 0.5), "data": "general", "negative_flips": 0}
+    del main_row["positions"]  # rows written before students recorded their positions
+    forward["runs"].append(main_row)
     document = _document([forward])
     document["plan"] = {"general_positions": 8000}
     behaviour.write_report(document, tmp_path)
 
     page = (tmp_path / "behaviour.md").read_text()
-    assert "against the amount of general text" in page
+    assert "against the amount of text (general)" in page
     assert "| 8000 (main table) |  | 0.450 | 0.50 | [0.40, 0.60] |" in page
     assert "| 1000 | 11 | 0.410 | 0.10 | [0.00, 0.20] |" in page
     assert "| 4000 | 44 | 0.430 | 0.30 | [0.20, 0.40] |" in page
     assert "--corpus-sizes 1000 4000" in page
+
+
+def test_corpus_sizes_of_elicited_text_on_shakespeare(tmp_path):
+    behaviour = _load_behaviour()
+    result = _result("a->b", "python benchmarks/behaviour.py --task shakespeare")
+    result.update(task="shakespeare", metric="bits per byte", higher_is_better=False)
+    main_row = {**_corpus_size_row(32000, 0.6), "method": "distilled-lora-elicited-mixed"}
+    del main_row["push_toward_correct_label"]
+    result["runs"].append({**main_row, "data": "elicited", "negative_flips": None})
+    small = {**_corpus_size_row(4000, 0.2), "method": "distilled-lora-elicited-mixed"}
+    del small["push_toward_correct_label"]
+    result["corpus_size"] = {
+        "setting": "elicited-mixed",
+        "rows": [small],
+        "run": {"date": "d", "commit": "c", "command": "cmd", "wall_seconds": 3.0},
+    }
+    behaviour.write_report(_document([result]), tmp_path)
+
+    page = (tmp_path / "behaviour.md").read_text()
+    assert "### Gain recovered against the amount of text (elicited-mixed)" in page
+    assert "| aligned positions | passages | bits per byte (lower is better) |" in page
+    assert "| 4000 | 44 | 0.420 | 0.20 | [0.10, 0.30] |  |" in page
+    assert "| 32000 (main table) |  | 0.460 | 0.60 |" in page
 
 
 def test_corpus_sizes_need_main_result(tmp_path):
@@ -176,7 +201,7 @@ def test_corpus_sizes_need_main_result(tmp_path):
         behaviour.main(arguments)
 
     message = str(raised.value)
-    assert "has no result for smollm2-135m-instruct->gemma-3-270m" in message
+    assert "has no sentiment result for smollm2-135m-instruct->gemma-3-270m" in message
     assert "--direction forward` first" in message
 
 
@@ -263,3 +288,14 @@ def test_template_settings_need_sentiment(tmp_path):
             tmp_path,
             ("general", "template"),
         )
+
+
+def test_corpus_sizes_take_one_text_setting(tmp_path):
+    behaviour = _load_behaviour()
+    forward = _result("smollm2-135m-instruct->gemma-3-270m", "python benchmarks/behaviour.py")
+    behaviour.write_report(_document([forward]), tmp_path)
+    arguments = ["--corpus-sizes", "1000", "--out", str(tmp_path), "--cache-dir", str(tmp_path)]
+
+    for settings in (["template"], ["general", "elicited"]):
+        with pytest.raises(SystemExit, match="measures one setting of general or elicited text"):
+            behaviour.main([*arguments, "--settings", *settings])
