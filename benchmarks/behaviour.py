@@ -7,6 +7,8 @@ Usage:
     python benchmarks/behaviour.py --quick               # smoke test; numbers mean nothing
     python benchmarks/behaviour.py --corpus-sizes 1000 2000 4000
                                    # add gain recovered against the amount of general text
+    python benchmarks/behaviour.py --task shakespeare --settings elicited-mixed \
+        --corpus-sizes 2000 4000   # the same for one setting of another task
 
 It reuses the main benchmark's cached adapters and bridges (``benchmarks/run.py`` trains and fits
 them when missing) and adds, for the chosen task:
