@@ -38,12 +38,15 @@ source's, over the shared vocabulary, on held-out positions.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -56,11 +59,14 @@ from loracast.capture import decoder_of
 from loracast.cartridge import Cartridge
 from loracast.elicit import ElicitConfig, elicit_texts
 from loracast.models import LoadedModel
+from loracast.serialization import make_staging_folder, provenance, replace_folder
 from loracast.vocabulary import SharedVocabulary, output_embeddings, restricted_logits
 
 logger = logging.getLogger(__name__)
 
 STUDENTS = ("heads", "lora")
+# Written beside the PEFT files of a distilled LoRA; PEFT ignores it.
+DISTILLATION_REPORT = "loracast_distillation.json"
 TEXTS = ("general", "template", "elicited")
 
 
@@ -637,7 +643,8 @@ def distil_lora(
     """Train a fresh PEFT LoRA on the target with the behavioural objective; save it to ``out_dir``.
 
     This is the distillation baseline: the same objective and text as ``refine_cartridge``,
-    without the source's kernel or the bridge.
+    without the source's kernel or the bridge. The folder is written atomically and holds,
+    beside the PEFT files, ``DISTILLATION_REPORT`` with the settings and held-out history.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -657,7 +664,17 @@ def distil_lora(
     student = _Student(peft_model, target.tokenizer, parameters, peft_model.disable_adapter)
     try:
         report = _train(student, teacher, shared, config, "lora", show_progress)
-        peft_model.save_pretrained(str(out_dir))
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_staging_folder(out_dir)
+        try:
+            peft_model.save_pretrained(str(staging))
+            record = {"report": asdict(report), "provenance": provenance()}
+            (staging / DISTILLATION_REPORT).write_text(json.dumps(record, indent=2) + "\n")
+            replace_folder(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     finally:
         target.model = peft_model.unload()
         for name, parameter in target.model.named_parameters():

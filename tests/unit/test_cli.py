@@ -207,6 +207,47 @@ def test_refine_on_elicited_text(model_folders, capsys):
     assert "pass one of them" in capsys.readouterr().err
 
 
+def test_distil_writes_a_peft_lora_for_the_target(model_folders, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = model_folders / "distilled"
+    arguments = [
+        "-q",
+        "distil",
+        "--source",
+        str(model_folders / "source"),
+        "--adapter",
+        str(model_folders / "adapter"),
+        "--target",
+        str(model_folders / "target"),
+        "--corpus",
+        str(model_folders / "corpus.txt"),
+        "--out",
+        str(out),
+        "--max-positions",
+        "120",
+        "--steps",
+        "2",
+        "--rank",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    assert main(arguments) == 0
+    assert "sampled-token cross-entropy" in capsys.readouterr().out
+    record = json.loads((out / "loracast_distillation.json").read_text())
+    assert record["report"]["config"]["text"] == "elicited"
+    assert record["report"]["config"]["sequence_weight"] == 1.0
+    target = AutoModelForCausalLM.from_pretrained(model_folders / "target")
+    peft_model = PeftModel.from_pretrained(target, str(out))
+    assert peft_model.peft_config["default"].r == 4
+    assert not [path.name for path in model_folders.iterdir() if path.name.startswith(".")]
+
+    assert main([*arguments, "--overwrite", "--text", "template"]) == 2
+    assert "--text template" in capsys.readouterr().err
+
+
 def test_transfer_with_record_dir_reuses_recording(model_folders, capsys, caplog):
     record = model_folders / "record"
     arguments = [
