@@ -8,104 +8,16 @@ import sys
 from pathlib import Path
 
 from loracast import __version__
+from loracast.cli_behaviour import add_distil_parser, add_refine_parser
+from loracast.cli_options import (
+    add_corpus_options,
+    add_model_options,
+    add_output_options,
+    add_scale_options,
+    load_from_args,
+)
 
 logger = logging.getLogger("loracast")
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weight dtype of the models (default: float32)",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="torch device, e.g. cuda or cpu (default: cuda when available)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="cache folder for converted demo models (default: $LORACAST_CACHE "
-        "or ~/.cache/loracast)",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow code shipped with a hub model to run (off by default)",
-    )
-
-
-def _add_corpus_options(
-    parser: argparse.ArgumentParser, max_passages: int | None, passages_help: str | None = None
-) -> None:
-    parser.add_argument(
-        "--corpus",
-        default="bbc-news",
-        help="general text: a .txt/.jsonl file, a folder of them, a folder written by "
-        "datasets' save_to_disk, hf:NAME[:CONFIG] for a hub dataset, or bbc-news (default)",
-    )
-    parser.add_argument("--text-field", default="text", help="JSONL or dataset field with the text")
-    parser.add_argument(
-        "--corpus-split", default="train", help="dataset split to read (default: train)"
-    )
-    parser.add_argument(
-        "--max-passages",
-        type=int,
-        default=max_passages,
-        help=passages_help or f"corpus passages read (default: {max_passages})",
-    )
-
-
-def _add_scale_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--corpus-tokens",
-        type=int,
-        default=None,
-        help="read the corpus until this many source tokens are read (default: no limit)",
-    )
-    parser.add_argument(
-        "--record-dir",
-        default=None,
-        help="record activations into safetensors shards in this folder and fit from them; "
-        "rerunning the same command resumes an interrupted recording or fit",
-    )
-    parser.add_argument(
-        "--storage-dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="dtype of the recorded activations on disk (default: float32)",
-    )
-    parser.add_argument(
-        "--shard-megabytes",
-        type=float,
-        default=256.0,
-        help="size of one shard of recorded activations in MiB; each process keeps up to "
-        "three in memory (default: 256)",
-    )
-
-
-def _add_output_options(parser: argparse.ArgumentParser, *, pickle: bool) -> None:
-    if pickle:
-        parser.add_argument(
-            "--allow-pickle",
-            action="store_true",
-            help="accept an adapter saved as a pickle file (can run code)",
-        )
-    parser.add_argument("--overwrite", action="store_true", help="replace the output folder")
-
-
-def _load(args, name, device=None):
-    from loracast.models import load_model
-
-    return load_model(
-        name,
-        dtype=args.dtype,
-        device=device or args.device,
-        cache=args.cache_dir,
-        trust_remote_code=args.trust_remote_code,
-    )
 
 
 def _transfer_corpus(args, max_passages):
@@ -144,8 +56,8 @@ def _transfer(args) -> int:
     context = process_context(args.device)
     bridge = Bridge.load(args.bridge) if args.bridge else None
     corpus = _transfer_corpus(args, max_passages) if bridge is None else None
-    source = _load(args, args.source, context.device)
-    target = _load(args, args.target, context.device)
+    source = load_from_args(args, args.source, context.device)
+    target = load_from_args(args, args.target, context.device)
     result = transfer(
         source,
         target,
@@ -178,7 +90,7 @@ def _transfer(args) -> int:
 def _generate(args) -> int:
     from loracast.cartridge import Cartridge
 
-    target = _load(args, args.target)
+    target = load_from_args(args, args.target)
     cartridge = Cartridge.load(args.cartridge, target=target)
     cartridge.scale = args.scale
     inputs = target.tokenizer(args.prompt, return_tensors="pt").to(target.device)
@@ -212,8 +124,8 @@ def _eval(args) -> int:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
     task = load_task(args.task, seed=args.split_seed)
     examples = task.split(args.split)[: args.limit]
-    source = _load(args, args.source) if args.source else None
-    target = _load(args, args.target)
+    source = load_from_args(args, args.source) if args.source else None
+    target = load_from_args(args, args.target)
     cartridge = Cartridge.load(args.cartridge, target=target) if args.cartridge else None
     rows = evaluate_configurations(
         source,
@@ -250,7 +162,7 @@ def _bake(args) -> int:
         text_field=args.text_field,
         split=args.corpus_split,
     )
-    target = _load(args, args.target)
+    target = load_from_args(args, args.target)
     cartridge = Cartridge.load(args.cartridge, target=target)
     result = bake(
         cartridge,
@@ -269,95 +181,6 @@ def _bake(args) -> int:
         f"held-out relative error mean {sum(errors) / len(errors):.3g}, worst {max(errors):.3g}, "
         f"{result.seconds:.1f} s"
     )
-    return 0
-
-
-def _teacher(args, config, target):
-    """Load the corpus, the source and the adapter, and build the teacher for ``target``.
-
-    Returns ``(teacher, shared_vocabulary)``.
-    """
-    from loracast.adapters import load_adapter, validate_adapter
-    from loracast.corpus import load_corpus
-    from loracast.refine import build_teacher
-    from loracast.vocabulary import shared_vocabulary
-
-    corpus = load_corpus(
-        args.corpus,
-        max_passages=args.max_passages,
-        text_field=args.text_field,
-        split=args.corpus_split,
-    )
-    source = _load(args, args.source)
-    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
-    validate_adapter(adapter, source.model)
-    shared = shared_vocabulary(source.tokenizer, target.tokenizer)
-    teacher = build_teacher(
-        source, target, adapter.kernels, corpus, shared, config, show_progress=not args.quiet
-    )
-    return teacher, shared
-
-
-def _print_report(report, steps: int) -> None:
-    sequence = (
-        f"sampled-token cross-entropy {report.initial['sequence_ce']:.4f} -> "
-        f"{report.best['sequence_ce']:.4f}, "
-        if "sequence_ce" in report.best
-        else ""
-    )
-    print(
-        f"held-out KL {report.initial['kl']:.4f} -> {report.best['kl']:.4f}, {sequence}"
-        "behaviour cosine "
-        f"{report.initial['behaviour_cosine']:.3f} -> {report.best['behaviour_cosine']:.3f} "
-        f"(best step {report.best_step} of {steps}, {report.seconds:.0f} s)"
-    )
-
-
-def _refine(args) -> int:
-    from loracast.cartridge import Cartridge
-    from loracast.peft_export import check_output_free
-    from loracast.refine import refine_cartridge
-
-    check_output_free(Path(args.out).expanduser(), args.overwrite)
-    if args.template and args.elicited:
-        raise ValueError("--template and --elicited choose different texts; pass one of them")
-    text = "general"
-    if args.template:
-        text = "template"
-    elif args.elicited:
-        text = "elicited"
-    if args.sequence_weight > 0 and text != "elicited":
-        raise ValueError("--sequence-weight scores the tokens the adapter wrote; add --elicited")
-    config = _training_config(args, text)
-    target = _load(args, args.target)
-    cartridge = Cartridge.load(args.cartridge, target=target)
-    teacher, shared = _teacher(args, config, target)
-    refined, report = refine_cartridge(
-        cartridge, target, teacher, shared, config, show_progress=not args.quiet
-    )
-    refined.save(args.out, overwrite=args.overwrite)
-    print(f"refined cartridge saved to {args.out}")
-    _print_report(report, config.steps)
-    return 0
-
-
-def _distil(args) -> int:
-    from loracast.peft_export import check_output_free
-    from loracast.refine import distil_lora
-
-    out = Path(args.out).expanduser()
-    check_output_free(out, args.overwrite)
-    if (args.text == "template") != (args.template is not None):
-        raise ValueError(
-            f"--template gives the prompt template that --text template needs; got --text "
-            f"{args.text} with --template {args.template!r}"
-        )
-    config = _training_config(args, args.text)
-    target = _load(args, args.target)
-    teacher, shared = _teacher(args, config, target)
-    report = distil_lora(target, teacher, shared, out, config, show_progress=not args.quiet)
-    print(f"distilled PEFT LoRA for {target.name} saved to {out}")
-    _print_report(report, config.steps)
     return 0
 
 
@@ -412,126 +235,14 @@ def _add_bake_parser(commands) -> None:
         help="also fit a bias per anchor (lora_bias): exact for linear heads, but PEFT cannot "
         "merge it into layers without a bias",
     )
-    _add_corpus_options(baking, max_passages=200)
+    add_corpus_options(baking, max_passages=200)
     baking.add_argument("--max-tokens", type=int, default=128, help="target tokens per passage")
     baking.add_argument(
         "--max-positions", type=int, default=4000, help="token positions recorded per anchor"
     )
-    _add_output_options(baking, pickle=False)
-    _add_model_options(baking)
+    add_output_options(baking, pickle=False)
+    add_model_options(baking)
     baking.set_defaults(handler=_bake)
-
-
-def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: float) -> None:
-    """Add the options of the behavioural objective shared by ``refine`` and ``distil``."""
-    parser.add_argument(
-        "--max-positions", type=int, default=4000, help="aligned positions in the teacher set"
-    )
-    parser.add_argument("--steps", type=int, default=100, help="optimiser steps")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument(
-        "--max-grad-norm",
-        type=float,
-        default=None,
-        help="clip the gradient to this total L2 norm before each step (default: no clipping)",
-    )
-    parser.add_argument(
-        "--prefix-tokens",
-        type=int,
-        default=8,
-        help="for elicited text, source tokens of each corpus passage kept as the prompt",
-    )
-    parser.add_argument("--kl-weight", type=float, default=1.0, help="weight of the tilted KL term")
-    parser.add_argument(
-        "--sequence-weight",
-        type=float,
-        default=sequence_weight,
-        help="for elicited text, weight of the next-token cross-entropy on the tokens the adapter "
-        f"sampled (sequence-level distillation; default {sequence_weight:g})",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and training")
-
-
-def _training_config(args, text: str):
-    """Return the ``RefineConfig`` of the parsed training options."""
-    from loracast.elicit import ElicitConfig
-    from loracast.refine import RefineConfig
-
-    return RefineConfig(
-        text=text,
-        template=args.template,
-        elicit=ElicitConfig(prefix_tokens=args.prefix_tokens, seed=args.seed),
-        max_positions=args.max_positions,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        max_grad_norm=args.max_grad_norm,
-        centre_shift=getattr(args, "centre_shift", False),
-        kl_weight=args.kl_weight,
-        sequence_weight=args.sequence_weight if text == "elicited" else 0.0,
-        lora_rank=getattr(args, "rank", 8),
-        seed=args.seed,
-    )
-
-
-def _add_refine_parser(commands) -> None:
-    refining = commands.add_parser(
-        "refine",
-        help="refine a cartridge so the target's next-token change matches the adapter's",
-    )
-    refining.add_argument("--cartridge", required=True, help="cartridge folder to refine")
-    refining.add_argument("--source", required=True, help="model the adapter was trained on")
-    refining.add_argument("--adapter", required=True, help="the cartridge's PEFT LoRA folder")
-    refining.add_argument("--target", required=True, help="the cartridge's target model")
-    refining.add_argument("--out", required=True, help="refined cartridge folder to write")
-    _add_corpus_options(refining, max_passages=400)
-    refining.add_argument(
-        "--template",
-        default=None,
-        help="the adapter's prompt template with a {text} field: train at its last position on "
-        "corpus text filled into it (uses the template, but no labels or task examples)",
-    )
-    refining.add_argument(
-        "--elicited",
-        action="store_true",
-        help="train on text the adapter writes: corpus prefixes continued by sampling from the "
-        "source with the adapter (no task data)",
-    )
-    _add_training_options(refining, sequence_weight=0.0)
-    refining.add_argument(
-        "--centre-shift",
-        action="store_true",
-        help="remove the adapter's mean change over the teacher positions from the teacher",
-    )
-    _add_output_options(refining, pickle=True)
-    _add_model_options(refining)
-    refining.set_defaults(handler=_refine)
-
-
-def _add_distil_parser(commands) -> None:
-    distilling = commands.add_parser(
-        "distil",
-        help="train a PEFT LoRA for the target that changes it as the adapter changes the source",
-    )
-    distilling.add_argument("--source", required=True, help="model the adapter was trained on")
-    distilling.add_argument("--adapter", required=True, help="PEFT LoRA folder of the source")
-    distilling.add_argument("--target", required=True, help="model to carry the adapter to")
-    distilling.add_argument("--out", required=True, help="PEFT LoRA folder to write")
-    _add_corpus_options(distilling, max_passages=400)
-    distilling.add_argument(
-        "--text",
-        choices=["elicited", "general", "template"],
-        default="elicited",
-        help="text to train on: corpus prefixes continued by the source with the adapter "
-        "(default), corpus text, or corpus text in --template",
-    )
-    distilling.add_argument(
-        "--template", default=None, help="with --text template, the prompt template with {text}"
-    )
-    distilling.add_argument("--rank", type=int, default=8, help="rank of the distilled LoRA")
-    _add_training_options(distilling, sequence_weight=1.0)
-    _add_output_options(distilling, pickle=True)
-    _add_model_options(distilling)
-    distilling.set_defaults(handler=_distil)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -565,12 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", required=True, help="model the adapter was trained on")
     run.add_argument("--target", required=True, help="model to carry the adapter to")
     run.add_argument("--adapter", required=True, help="PEFT LoRA folder trained on the source")
-    _add_corpus_options(
+    add_corpus_options(
         run,
         max_passages=None,
         passages_help="corpus passages read (default: 400, no limit with --corpus-tokens)",
     )
-    _add_scale_options(run)
+    add_scale_options(run)
     run.add_argument("--out", required=True, help="cartridge folder to write")
     run.add_argument("--bridge", default=None, help="reuse a saved bridge instead of fitting one")
     run.add_argument("--save-bridge", default=None, help="also save the fitted bridge here")
@@ -592,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlp-steps", type=int, default=150, help="Adam steps per MLP head (default: 150)"
     )
     run.add_argument("--seed", type=int, default=0, help="seed of the validation split and MLPs")
-    _add_output_options(run, pickle=True)
-    _add_model_options(run)
+    add_output_options(run, pickle=True)
+    add_model_options(run)
     run.set_defaults(handler=_transfer)
 
     generate = commands.add_parser("generate", help="generate text with a cartridge attached")
@@ -605,12 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=1.0, help="multiplier on the carried delta (default 1.0)"
     )
     generate.add_argument("--compare", action="store_true", help="also print the base output")
-    _add_model_options(generate)
+    add_model_options(generate)
     generate.set_defaults(handler=_generate)
 
     _add_bake_parser(commands)
-    _add_refine_parser(commands)
-    _add_distil_parser(commands)
+    add_refine_parser(commands)
+    add_distil_parser(commands)
 
     info = commands.add_parser("info", help="print a cartridge's sites, anchors and held-out R²")
     info.add_argument("cartridge", help="cartridge folder")
@@ -634,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--split-seed", type=int, default=0, help="seed of the task splits")
     evaluate.add_argument("--limit", type=int, default=200, help="examples scored")
-    _add_model_options(evaluate)
+    add_model_options(evaluate)
     evaluate.set_defaults(handler=_eval)
     return parser
 
