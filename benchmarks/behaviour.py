@@ -589,6 +589,9 @@ def _chosen(rows: list[dict], setting: str) -> dict | None:
         for row in rows
         if row["method"].split("-", 2)[-1] == setting and "best" in row.get("held_out_kl", {})
     ]
+    # Rows kept from an earlier run had another teacher, so compare within the latest run.
+    latest = [row for row in candidates if "run" not in row]
+    candidates = latest or candidates
     return min(
         candidates,
         key=lambda row: row.get("held_out_loss", row["held_out_kl"])["best"],
@@ -703,7 +706,8 @@ def write_report(document: dict, out: Path) -> None:
             # Rows written before students recorded their positions used the plan's number.
             positions = None if main_row is None else main_row.get("positions")
             if positions is None and "run" not in (main_row or {}):
-                positions = document.get("plan", {}).get("general_positions")
+                plan = result.get("run", {}).get("plan") or document.get("plan", {})
+                positions = plan.get("general_positions")
             lines += _corpus_size_lines(ablation, main_row, positions, metric)
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
 
@@ -962,7 +966,9 @@ def main(argv: list[str] | None = None) -> int:
         "plan": asdict(plan),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    result["run"] = {key: document[key] for key in ("date", "commit", "command", "wall_seconds")}
+    result["run"] = {
+        key: document[key] for key in ("date", "commit", "command", "wall_seconds", "plan")
+    }
     document["results"] = _stored_results(out / "behaviour.json", result, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     write_report(document, out)

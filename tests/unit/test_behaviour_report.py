@@ -91,7 +91,7 @@ def test_rerun_of_some_settings_keeps_the_others(tmp_path):
     cartridge = _scored_row("cartridge-mlp-seed0", 0.3, 2.0)
     earlier["runs"] += [
         cartridge,
-        _scored_row("refined-heads-general", 0.2, 0.5),
+        _scored_row("refined-heads-general", 0.2, 0.45),
         _scored_row("distilled-lora-general", 0.1, 0.6),
         _scored_row("distilled-lora-template", 0.4, 0.4),
     ]
@@ -123,6 +123,8 @@ def test_rerun_of_some_settings_keeps_the_others(tmp_path):
     assert "run" not in merged["distilled-lora-general"]
     assert merged["refined-heads-general"]["run"]["command"] == "python benchmarks/behaviour.py"
     assert merged["cartridge-mlp-seed0"]["held_out_kl"] == {"initial": 1.0, "best": 2.0}
+    # The kept heads row has the lower KL, but it came from another teacher.
+    assert behaviour._chosen(results[0]["runs"], "general") is merged["distilled-lora-general"]
     page = (tmp_path / "behaviour.md").read_text()
     assert "- distilled-lora-template: `python benchmarks/behaviour.py`, commit abc" in page
     assert f"Command: `{command}`" in page
