@@ -656,7 +656,8 @@ def _summary_lines(results: list[dict]) -> list[str]:
 
 
 def write_report(document: dict, out: Path) -> None:
-    """Write ``behaviour.json`` and ``behaviour.md`` into ``out``."""
+    """Write ``behaviour.json`` and ``behaviour.md`` into ``out``, creating the folder."""
+    out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "behaviour.json", json.dumps(document, indent=2) + "\n")
     lines = [
         *run_header(document, "Behaviour matching"),
@@ -876,6 +877,26 @@ def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -
     return 0
 
 
+def _merge_report(path: Path, out: Path) -> int:
+    """Merge every result of the report at ``path`` into the report in ``out``.
+
+    The header (machine, date, commit, command, plan) becomes the merged report's, and each
+    result keeps the command that produced it.
+    """
+    if not path.exists():
+        raise SystemExit(f"{path} not found; pass the behaviour.json that a run wrote")
+    document = json.loads(path.read_text())
+    results = None
+    for result in document["results"]:
+        results = _stored_results(out / "behaviour.json", result, document.get("quick", False))
+        _atomic_write(
+            out / "behaviour.json", json.dumps({**document, "results": results}, indent=2) + "\n"
+        )
+    write_report({**document, "results": results or []}, out)
+    print(f"merged {len(document['results'])} results from {path} into {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward")
@@ -921,12 +942,20 @@ def main(argv: list[str] | None = None) -> int:
         "default general) on this many aligned positions per row and add the rows to the "
         "existing report of the task and direction",
     )
+    parser.add_argument(
+        "--merge-from",
+        default=None,
+        help="instead of running, merge the results of this behaviour.json (a run written to "
+        "another --out) into the report in --out",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
     args = parser.parse_args(argv)
     arguments = argv if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    if args.merge_from:
+        return _merge_report(Path(args.merge_from), Path(args.out))
     commit = _commit()
     plan = Plan.quick() if args.quick else Plan()
     if args.steps is not None:

@@ -301,3 +301,24 @@ def test_corpus_sizes_take_one_text_setting(tmp_path):
     for settings in (["template"], ["general", "elicited"]):
         with pytest.raises(SystemExit, match="measures one setting of general or elicited text"):
             behaviour.main([*arguments, "--settings", *settings])
+
+
+def test_merge_from_folds_another_report_in(tmp_path):
+    behaviour = _load_behaviour()
+    published, run = tmp_path / "docs", tmp_path / "run"
+    earlier = _result("a->b", "python benchmarks/behaviour.py")
+    earlier["runs"].append(_scored_row("distilled-lora-general", 0.1, 0.6))
+    behaviour.write_report(_document([earlier]), published)
+    rerun = _result("a->b", "python benchmarks/behaviour.py --settings elicited-mixed")
+    rerun["runs"].append(_scored_row("distilled-lora-elicited-mixed", 0.5, 0.3))
+    other = _result("b->a", "python benchmarks/behaviour.py --direction reverse")
+    behaviour.write_report(_document([rerun, other]), run)
+
+    code = behaviour.main(["--merge-from", str(run / "behaviour.json"), "--out", str(published)])
+
+    assert code == 0
+    saved = json.loads((published / "behaviour.json").read_text())
+    assert [result["direction"] for result in saved["results"]] == ["a->b", "b->a"]
+    methods = [row["method"] for row in saved["results"][0]["runs"]]
+    assert methods == ["target-base", "distilled-lora-general", "distilled-lora-elicited-mixed"]
+    assert "--settings elicited-mixed" in (published / "behaviour.md").read_text()
