@@ -704,10 +704,11 @@ def write_report(document: dict, out: Path) -> None:
             ablation = result["corpus_size"]
             method = f"distilled-lora-{ablation.get('setting', 'general')}"
             main_row = next((row for row in result["runs"] if row["method"] == method), None)
-            # Rows written before students recorded their positions used the plan's number.
+            # Rows written before students recorded their positions used their run's plan,
+            # and results written before runs recorded their plan used the default plan.
             positions = None if main_row is None else main_row.get("positions")
             if positions is None and "run" not in (main_row or {}):
-                plan = result.get("run", {}).get("plan") or document.get("plan", {})
+                plan = result.get("run", {}).get("plan") or asdict(Plan())
                 positions = plan.get("general_positions")
             lines += _corpus_size_lines(ablation, main_row, positions, metric)
     _atomic_write(out / "behaviour.md", "\n".join(lines) + "\n")
