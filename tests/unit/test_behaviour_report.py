@@ -322,3 +322,25 @@ def test_merge_from_folds_another_report_in(tmp_path):
     methods = [row["method"] for row in saved["results"][0]["runs"]]
     assert methods == ["target-base", "distilled-lora-general", "distilled-lora-elicited-mixed"]
     assert "--settings elicited-mixed" in (published / "behaviour.md").read_text()
+
+
+def test_settings_map_to_objectives():
+    behaviour = _load_behaviour()
+    plan = behaviour.Plan(general_positions=500)
+    expected = {
+        "general": ("general", 1.0, 0.0),
+        "elicited": ("elicited", 1.0, 0.0),
+        "elicited-sequence": ("elicited", 0.0, 1.0),
+        "elicited-mixed": ("elicited", 1.0, 1.0),
+    }
+    for setting, (text, kl_weight, sequence_weight) in expected.items():
+        config = behaviour._refine_config(setting, plan)
+        assert (config.text, config.kl_weight, config.sequence_weight) == (
+            text,
+            kl_weight,
+            sequence_weight,
+        )
+        assert config.max_positions == 500
+    centred = behaviour._refine_config("template-centred", plan)
+    assert centred.text == "template"
+    assert centred.centre_shift
