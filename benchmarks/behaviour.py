@@ -810,13 +810,18 @@ def merge_earlier(earlier: dict, result: dict) -> dict:
 
 
 def _stored_results(path: Path, result: dict, quick: bool) -> list[dict]:
+    """Return the results of the report at ``path`` with ``result`` put in (``_put_result``)."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    return _put_result(earlier, result, quick)
+
+
+def _put_result(earlier: dict, result: dict, quick: bool) -> list[dict]:
     """Return the earlier report's results of the same mode with ``result`` put in.
 
     Each direction and task is a separate command, so the report keeps those not rerun, with the
     command, commit and date that produced them. A stored result of the same direction and task
     is merged (``merge_earlier``) and keeps its place.
     """
-    earlier = json.loads(path.read_text()) if path.exists() else {}
     if earlier.get("quick") != quick:
         return [result]
     results, placed = [], False
@@ -887,13 +892,12 @@ def _merge_report(path: Path, out: Path) -> int:
     if not path.exists():
         raise SystemExit(f"{path} not found; pass the behaviour.json that a run wrote")
     document = json.loads(path.read_text())
-    results = None
+    quick = document.get("quick", False)
+    published = out / "behaviour.json"
+    merged = json.loads(published.read_text()) if published.exists() else {}
     for result in document["results"]:
-        results = _stored_results(out / "behaviour.json", result, document.get("quick", False))
-        _atomic_write(
-            out / "behaviour.json", json.dumps({**document, "results": results}, indent=2) + "\n"
-        )
-    write_report({**document, "results": results or []}, out)
+        merged = {**document, "results": _put_result(merged, result, quick)}
+    write_report(merged or {**document, "results": []}, out)
     print(f"merged {len(document['results'])} results from {path} into {out}")
     return 0
 
