@@ -9,6 +9,11 @@ Usage:
                                    # add gain recovered against the amount of general text
     python benchmarks/behaviour.py --task shakespeare --settings elicited-mixed \
         --corpus-sizes 2000 4000   # the same for one setting of another task
+    python benchmarks/behaviour.py --merge-from /tmp/run/behaviour.json
+                                   # fold a run written with --out /tmp/run into docs/
+
+A rerun of some settings replaces those settings' rows of its direction and task and keeps the
+other rows, each with the command that produced it.
 
 It reuses the main benchmark's cached adapters and bridges (``benchmarks/run.py`` trains and fits
 them when missing) and adds, for the chosen task:
