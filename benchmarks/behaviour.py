@@ -888,8 +888,20 @@ def _add_corpus_sizes(args, plan, settings, cache, artifacts, commit, started) -
     return 0
 
 
+def _is_newer(result: dict, report: dict) -> bool:
+    """Return whether ``result`` ran after the result of its direction and task in ``report``.
+
+    A run copies the report it started from, so its other results are stale copies that must
+    not replace what was merged since.
+    """
+    for stored in report.get("results", []):
+        if (stored["direction"], stored["task"]) == (result["direction"], result["task"]):
+            return result.get("run", {}).get("date", "") > stored.get("run", {}).get("date", "")
+    return True
+
+
 def _merge_report(path: Path, out: Path) -> int:
-    """Merge every result of the report at ``path`` into the report in ``out``.
+    """Merge the results of the report at ``path`` that are newer than those in ``out``.
 
     The header (machine, date, commit, command, plan) becomes the merged report's, and each
     result keeps the command that produced it.
@@ -900,10 +912,14 @@ def _merge_report(path: Path, out: Path) -> int:
     quick = document.get("quick", False)
     published = out / "behaviour.json"
     merged = json.loads(published.read_text()) if published.exists() else {}
-    for result in document["results"]:
+    newer = [result for result in document["results"] if _is_newer(result, merged)]
+    for result in newer:
         merged = {**document, "results": _put_result(merged, result, quick)}
-    write_report(merged or {**document, "results": []}, out)
-    print(f"merged {len(document['results'])} results from {path} into {out}")
+    if not newer:
+        print(f"{out} already holds every result of {path}, or a newer one")
+        return 0
+    write_report(merged, out)
+    print(f"merged {len(newer)} of {len(document['results'])} results from {path} into {out}")
     return 0
 
 

@@ -310,18 +310,37 @@ def test_merge_from_folds_another_report_in(tmp_path):
     earlier["runs"].append(_scored_row("distilled-lora-general", 0.1, 0.6))
     behaviour.write_report(_document([earlier]), published)
     rerun = _result("a->b", "python benchmarks/behaviour.py --settings elicited-mixed")
+    rerun["run"]["date"] = "2026-12-06"
     rerun["runs"].append(_scored_row("distilled-lora-elicited-mixed", 0.5, 0.3))
     other = _result("b->a", "python benchmarks/behaviour.py --direction reverse")
     behaviour.write_report(_document([rerun, other]), run)
+    arguments = ["--merge-from", str(run / "behaviour.json"), "--out", str(published)]
 
-    code = behaviour.main(["--merge-from", str(run / "behaviour.json"), "--out", str(published)])
+    assert behaviour.main(arguments) == 0
 
-    assert code == 0
     saved = json.loads((published / "behaviour.json").read_text())
     assert [result["direction"] for result in saved["results"]] == ["a->b", "b->a"]
     methods = [row["method"] for row in saved["results"][0]["runs"]]
     assert methods == ["target-base", "distilled-lora-general", "distilled-lora-elicited-mixed"]
     assert "--settings elicited-mixed" in (published / "behaviour.md").read_text()
+
+
+def test_merge_from_keeps_newer_results(tmp_path):
+    behaviour = _load_behaviour()
+    published, run = tmp_path / "docs", tmp_path / "run"
+    newer = _result("a->b", "python benchmarks/behaviour.py --settings elicited-mixed")
+    newer["run"]["date"] = "2026-12-06"
+    behaviour.write_report(_document([newer]), published)
+    # A run started from the report before that merge carries a stale copy.
+    stale = _result("a->b", "python benchmarks/behaviour.py")
+    behaviour.write_report(_document([stale]), run)
+
+    assert (
+        behaviour.main(["--merge-from", str(run / "behaviour.json"), "--out", str(published)]) == 0
+    )
+
+    saved = json.loads((published / "behaviour.json").read_text())
+    assert saved["results"][0]["run"]["command"] == newer["run"]["command"]
 
 
 def test_settings_map_to_objectives():
