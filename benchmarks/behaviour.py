@@ -787,7 +787,7 @@ def merge_earlier(earlier: dict, result: dict) -> dict:
     cartridge, controls) come from the new run.
     """
     new_methods = {row["method"] for row in result["runs"]}
-    kept = [
+    earlier_students = [
         {**row, "run": row.get("run", earlier.get("run"))}
         for row in earlier["runs"]
         if row["method"].startswith(STUDENT_PREFIXES) and row["method"] not in new_methods
@@ -798,7 +798,7 @@ def merge_earlier(earlier: dict, result: dict) -> dict:
         (index for index, row in enumerate(others) if row["method"] not in BASE_ROWS),
         len(others),
     )
-    students = sorted(students + kept, key=lambda row: _student_order(row["method"]))
+    students = sorted(students + earlier_students, key=lambda row: _student_order(row["method"]))
     merged = {**result, "runs": others[:first_after] + students + others[first_after:]}
     cartridge = next((row for row in merged["runs"] if row["method"] == DEFAULT_BRIDGE), None)
     earlier_cartridge = next(

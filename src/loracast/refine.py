@@ -492,7 +492,7 @@ def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, config,
 
 
 def _evaluate(student: _Student, teacher, indices, shared, reference, config) -> dict:
-    """Held-out objective, its terms and the behaviour cosine; ``reference`` is the target alone."""
+    """Return the held-out objective, its terms and the behaviour cosine against ``reference``."""
     with torch.no_grad():
         loss, terms, log_probs = _batch_loss(
             student, teacher, indices, shared, config, config.weight_positions
@@ -643,7 +643,7 @@ def distil_lora(
     """Train a fresh PEFT LoRA on the target with the behavioural objective; save it to ``out_dir``.
 
     This is the distillation baseline: the same objective and text as ``refine_cartridge``,
-    without the source's kernel or the bridge. The folder is written atomically and holds,
+    without the source's kernel or the bridge. The folder is written atomically and contains,
     beside the PEFT files, ``DISTILLATION_REPORT`` with the settings and held-out history.
     """
     from peft import LoraConfig, get_peft_model
