@@ -672,6 +672,11 @@ def write_report(document: dict, out: Path) -> None:
         "change of bits per byte on general passages never used for fitting, and the retrained",
         "LoRA's own change is the reference for a harmless side effect.",
         "",
+        "Defaults: `loracast distil` trains the `elicited-mixed` distilled LoRA, the best",
+        "variant on Shakespeare in both directions. `loracast transfer` still writes the",
+        "unrefined cartridge: its bridge carries any adapter with no adapter-specific",
+        "training, and every student here is trained for one adapter.",
+        "",
         *_summary_lines(document["results"]),
     ]
     for result in document["results"]:
