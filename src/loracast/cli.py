@@ -33,11 +33,10 @@ def _transfer_corpus(args, max_passages):
 
 
 def _transfer(args) -> int:
-    from loracast.bridge import Bridge, BridgeConfig
+    from loracast.bridge import BridgeConfig
     from loracast.distributed import process_context
     from loracast.fit import HeadFitConfig
     from loracast.streaming import ShardConfig
-    from loracast.transfer import transfer
 
     # A token budget replaces the default limits on passages and positions.
     budget = args.corpus_tokens
@@ -54,6 +53,17 @@ def _transfer(args) -> int:
     )
     shard_config = ShardConfig(args.shard_megabytes, args.storage_dtype)
     context = process_context(args.device)
+    try:
+        return _transfer_in(args, config, shard_config, context, max_passages)
+    finally:
+        context.close()
+
+
+def _transfer_in(args, config, shard_config, context, max_passages) -> int:
+    """Run the transfer of ``_transfer`` in this process of the group ``context``."""
+    from loracast.bridge import Bridge
+    from loracast.transfer import transfer
+
     bridge = Bridge.load(args.bridge) if args.bridge else None
     corpus = _transfer_corpus(args, max_passages) if bridge is None else None
     source = load_from_args(args, args.source, context.device)

@@ -48,6 +48,15 @@ class ProcessContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def close(self) -> None:
+        """Leave the process group, so its backend threads stop before the interpreter exits.
+
+        A gloo group left open at exit made a process abort now and then ("terminate called
+        without an active exception").
+        """
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def barrier(self) -> None:
         """Wait until every process reaches this call."""
         if self.distributed:

@@ -138,3 +138,16 @@ def test_scale_options_reject_bad_values(model_folders, capsys, argument):
     arguments[arguments.index("--corpus") + 1] = str(model_folders / "corpus.txt")
     assert main([*arguments, argument, "0"]) == 2
     assert argument.lstrip("-").replace("-", "_") in capsys.readouterr().err
+
+
+def test_close_leaves_the_process_group(tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    # A context of two processes, so close acts; the group itself has one member.
+    context = ProcessContext(rank=0, world_size=2)
+
+    context.close()
+
+    assert not torch.distributed.is_initialized()
+    context.close()  # a second close does nothing
+    assert not torch.distributed.is_initialized()
