@@ -143,7 +143,7 @@ def test_scale_options_reject_bad_values(model_folders, capsys, argument):
 def test_close_leaves_the_process_group(tmp_path):
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    # A context of two processes, so close acts; the group itself has one member.
+    # The context claims two processes so that close acts. The group itself has one member.
     context = ProcessContext(rank=0, world_size=2)
 
     context.close()
