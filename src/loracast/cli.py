@@ -14,22 +14,11 @@ from loracast.cli_options import (
     add_model_options,
     add_output_options,
     add_scale_options,
+    corpus_from_args,
     load_from_args,
 )
 
 logger = logging.getLogger("loracast")
-
-
-def _transfer_corpus(args, max_passages):
-    from loracast.corpus import CorpusStream, load_corpus
-
-    if args.record_dir:
-        return CorpusStream(
-            args.corpus, args.text_field, args.corpus_split, max_passages=max_passages
-        )
-    return load_corpus(
-        args.corpus, max_passages=max_passages, text_field=args.text_field, split=args.corpus_split
-    )
 
 
 def _transfer(args) -> int:
@@ -65,7 +54,7 @@ def _transfer_in(args, config, shard_config, context, max_passages) -> int:
     from loracast.transfer import transfer
 
     bridge = Bridge.load(args.bridge) if args.bridge else None
-    corpus = _transfer_corpus(args, max_passages) if bridge is None else None
+    corpus = corpus_from_args(args, max_passages) if bridge is None else None
     source = load_from_args(args, args.source, context.device)
     target = load_from_args(args, args.target, context.device)
     result = transfer(

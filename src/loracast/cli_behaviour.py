@@ -9,6 +9,7 @@ from loracast.cli_options import (
     add_corpus_options,
     add_model_options,
     add_output_options,
+    corpus_from_args,
     load_from_args,
 )
 
@@ -19,16 +20,10 @@ def _teacher(args, config, target):
     Returns ``(teacher, shared_vocabulary)``.
     """
     from loracast.adapters import load_adapter, validate_adapter
-    from loracast.corpus import load_corpus
     from loracast.refine import build_teacher
     from loracast.vocabulary import shared_vocabulary
 
-    corpus = load_corpus(
-        args.corpus,
-        max_passages=args.max_passages,
-        text_field=args.text_field,
-        split=args.corpus_split,
-    )
+    corpus = corpus_from_args(args, args.max_passages)
     source = load_from_args(args, args.source)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
     validate_adapter(adapter, source.model)
@@ -153,17 +148,23 @@ def _training_config(args, text: str):
     )
 
 
+def _add_models_and_output(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """Add the source, adapter, target, output and corpus options of ``refine`` and ``distil``."""
+    parser.add_argument("--source", required=True, help="model the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="PEFT LoRA folder of the source")
+    parser.add_argument("--target", required=True, help="model to carry the adapter to")
+    parser.add_argument("--out", required=True, help=out_help)
+    add_corpus_options(parser, max_passages=400)
+
+
 def add_refine_parser(commands) -> None:
     refining = commands.add_parser(
         "refine",
         help="refine a cartridge so the target's next-token change matches the adapter's",
     )
     refining.add_argument("--cartridge", required=True, help="cartridge folder to refine")
-    refining.add_argument("--source", required=True, help="model the adapter was trained on")
-    refining.add_argument("--adapter", required=True, help="the cartridge's PEFT LoRA folder")
-    refining.add_argument("--target", required=True, help="the cartridge's target model")
-    refining.add_argument("--out", required=True, help="refined cartridge folder to write")
-    add_corpus_options(refining, max_passages=400)
+    _add_models_and_output(refining, "refined cartridge folder to write")
+
     refining.add_argument(
         "--template",
         default=None,
@@ -177,6 +178,7 @@ def add_refine_parser(commands) -> None:
         "source with the adapter (no task data)",
     )
     _add_training_options(refining, sequence_weight=0.0)
+
     refining.add_argument(
         "--centre-shift",
         action="store_true",
@@ -192,11 +194,8 @@ def add_distil_parser(commands) -> None:
         "distil",
         help="train a PEFT LoRA for the target that changes it as the adapter changes the source",
     )
-    distilling.add_argument("--source", required=True, help="model the adapter was trained on")
-    distilling.add_argument("--adapter", required=True, help="PEFT LoRA folder of the source")
-    distilling.add_argument("--target", required=True, help="model to carry the adapter to")
-    distilling.add_argument("--out", required=True, help="PEFT LoRA folder to write")
-    add_corpus_options(distilling, max_passages=400)
+    _add_models_and_output(distilling, "PEFT LoRA folder to write")
+
     distilling.add_argument(
         "--text",
         choices=["elicited", "general", "template"],

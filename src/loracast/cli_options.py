@@ -104,3 +104,16 @@ def load_from_args(args, name, device=None):
         cache=args.cache_dir,
         trust_remote_code=args.trust_remote_code,
     )
+
+
+def corpus_from_args(args, max_passages: int | None):
+    """Load the corpus of ``add_corpus_options``, as a stream when ``--record-dir`` is given."""
+    from loracast.corpus import CorpusStream, load_corpus
+
+    if getattr(args, "record_dir", None):
+        return CorpusStream(
+            args.corpus, args.text_field, args.corpus_split, max_passages=max_passages
+        )
+    return load_corpus(
+        args.corpus, max_passages=max_passages, text_field=args.text_field, split=args.corpus_split
+    )
