@@ -85,6 +85,7 @@ from tasks import TASKS  # noqa: E402
 
 from loracast.adapters import load_adapter  # noqa: E402
 from loracast.cartridge import Cartridge, build_cartridge  # noqa: E402
+from loracast.elicit import ElicitConfig  # noqa: E402
 from loracast.corpus import load_corpus  # noqa: E402
 from loracast.eval.language_modeling import evaluate_language_modeling  # noqa: E402
 from loracast.eval.metrics import bootstrap_ci, gain_recovered, negative_flips  # noqa: E402
@@ -113,6 +114,7 @@ class Plan:
     learning_rate: float = 1e-3
     max_grad_norm: float | None = None
     n_validation: int = 200
+    seed: int = 0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -186,7 +188,26 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         centre_shift=setting == "template-centred",
         kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
         sequence_weight=1.0 if setting in ("elicited-sequence", "elicited-mixed") else 0.0,
+        seed=plan.seed,
+        elicit=ElicitConfig(seed=plan.seed),
     )
+
+
+def student_method(kind: str, setting: str, seed: int = 0) -> str:
+    """Return a student's row name: seed 0 keeps the plain name that earlier reports used."""
+    prefix = "refined-heads" if kind == "heads" else "distilled-lora"
+    return f"{prefix}-{setting}" + (f"-seed{seed}" if seed else "")
+
+
+def parse_student(method: str) -> tuple[str, str, int] | None:
+    """Return ``(kind, setting, seed)`` of a student row's name, or None for other rows."""
+    for kind, prefix in zip(("heads", "lora"), STUDENT_PREFIXES, strict=True):
+        if method.startswith(prefix):
+            setting, _, seed = method[len(prefix) :].rpartition("-seed")
+            if setting and seed.isdigit():
+                return kind, setting, int(seed)
+            return kind, method[len(prefix) :], 0
+    return None
 
 
 def _students(setup, plan, out, settings_run, kinds):
@@ -210,12 +231,12 @@ def _students(setup, plan, out, settings_run, kinds):
                 setup.cartridge, setup.target, teacher, setup.shared, config
             )
             report.seconds += teacher_seconds
-            students[f"refined-heads-{setting}"] = ("cartridge", refined, report)
+            students[student_method("heads", setting, plan.seed)] = ("cartridge", refined, report)
         if "lora" in kinds:
-            folder = out / f"distilled-lora-{setting}"
-            report = distil_lora(setup.target, teacher, setup.shared, folder, config)
+            method = student_method("lora", setting, plan.seed)
+            report = distil_lora(setup.target, teacher, setup.shared, out / method, config)
             report.seconds += teacher_seconds
-            students[f"distilled-lora-{setting}"] = ("adapter", folder, report)
+            students[method] = ("adapter", out / method, report)
     return students
 
 
@@ -296,7 +317,7 @@ def _extra(method, seconds, bpb, students) -> dict:
 
 def _data(method, students) -> str:
     """Return what a row's method saw: a student's setting, else the main benchmark's note."""
-    return DATA[method.split("-", 2)[2]] if method in students else "see the main benchmark"
+    return DATA[parse_student(method)[1]] if method in students else "see the main benchmark"
 
 
 @dataclass
@@ -592,7 +613,8 @@ def _chosen(rows: list[dict], setting: str) -> dict | None:
     candidates = [
         row
         for row in rows
-        if row["method"].split("-", 2)[-1] == setting and "best" in row.get("held_out_kl", {})
+        if parse_student(row["method"]) in (("heads", setting, 0), ("lora", setting, 0))
+        and "best" in row.get("held_out_kl", {})
     ]
     # Rows kept from an earlier run had another teacher, so compare within the latest run.
     latest = [row for row in candidates if "run" not in row]
@@ -616,6 +638,69 @@ def _gain_cell(row: dict | None) -> str:
     return f"{row['gain_recovered']:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def seed_rows(rows: list[dict], method: str) -> list[dict]:
+    """Return the rows of ``method``'s student and setting for every seed, seed 0 first.
+
+    Only rows trained on as many positions as the seed-0 row count, so every seed shares the plan.
+    """
+    parsed = parse_student(method)
+    if parsed is None:
+        return []
+    kind, setting, _ = parsed
+    matching = sorted(
+        (row for row in rows if (parse_student(row["method"]) or ())[:2] == (kind, setting)),
+        key=lambda row: parse_student(row["method"])[2],
+    )
+    positions = {row.get("positions") for row in matching[:1]}
+    return [row for row in matching if row.get("positions") in positions]
+
+
+def seed_spread(rows: list[dict]) -> tuple[float, float]:
+    """Return the mean and the sample standard deviation of the rows' gain recovered."""
+    gains = np.array([row["gain_recovered"] for row in rows], dtype=float)
+    return float(gains.mean()), float(gains.std(ddof=1)) if len(gains) > 1 else 0.0
+
+
+def _seeds_cell(rows: list[dict], row: dict | None) -> str:
+    """Return ``"; mean of N seeds m ± s"`` for a chosen row trained with several seeds."""
+    seeds = [] if row is None else seed_rows(rows, row["method"])
+    if len(seeds) < 2:
+        return ""
+    mean, spread = seed_spread(seeds)
+    return f"; {len(seeds)} seeds {mean:.2f} ± {spread:.2f}"
+
+
+def _seed_lines(result: dict) -> list[str]:
+    """Return a table of the students trained with more than one seed."""
+    rows = result["runs"]
+    groups = [seed_rows(rows, row["method"]) for row in rows if _is_seed_zero(row)]
+    groups = [group for group in groups if len(group) > 1]
+    if not groups:
+        return []
+    lines = [
+        "Seeds: each seed draws its own elicited text, validation split, batch order and",
+        "initialisation. Spread is the sample standard deviation of the gain recovered.",
+        "",
+        "| student | seeds | gain recovered per seed | mean ± spread | mean general bpb change |",
+        "|---|---|---|---|---|",
+    ]
+    for group in groups:
+        mean, spread = seed_spread(group)
+        seeds = ", ".join(str(parse_student(row["method"])[2]) for row in group)
+        gains = ", ".join(f"{row['gain_recovered']:.2f}" for row in group)
+        change = np.mean([row["general_bpb_change"] for row in group])
+        lines.append(
+            f"| {group[0]['method']} | {seeds} | {gains} | {mean:.2f} ± {spread:.2f} | "
+            f"{change:.4f} |"
+        )
+    return [*lines, ""]
+
+
+def _is_seed_zero(row: dict) -> bool:
+    parsed = parse_student(row["method"])
+    return parsed is not None and parsed[2] == 0
+
+
 def _summary_lines(results: list[dict]) -> list[str]:
     """Return a table of gain recovered per direction: cartridge, each setting, controls."""
     lines = [
@@ -625,6 +710,8 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "distilled LoRA) with the lower value of the setting's objective on held-out positions",
         "is shown, so no test score chose it. The behaviour cosine is measured on held-out",
         "corpus positions. The template settings and the controls exist for sentiment only.",
+        "Where the student was trained with several seeds, the cell adds their mean ± spread;",
+        "the interval is seed 0's.",
         "",
         "| direction, task | cartridge | general text only | elicited text"
         " | elicited, cross-entropy | elicited, KL + cross-entropy | template"
@@ -637,7 +724,8 @@ def _summary_lines(results: list[dict]) -> list[str]:
         cartridge = rows.get(DEFAULT_BRIDGE)
         chosen = {setting: _chosen(result["runs"], setting) for setting in SETTINGS}
         cells = [
-            f"{_gain_cell(chosen[setting])} ({chosen[setting]['method'].split('-')[0]})"
+            f"{_gain_cell(chosen[setting])} ({chosen[setting]['method'].split('-')[0]}"
+            f"{_seeds_cell(result['runs'], chosen[setting])})"
             if chosen[setting] is not None
             else "not run"
             for setting in SETTINGS
@@ -709,6 +797,7 @@ def write_report(document: dict, out: Path) -> None:
                 f"{_fmt(row.get('general_bpb_change'), 4)} | {_fmt(row.get('train_seconds'), 0)} |"
             )
         lines.append("")
+        lines += _seed_lines(result)
         lines += _earlier_run_lines(result)
         if "corpus_size" in result:
             ablation = result["corpus_size"]
@@ -776,12 +865,12 @@ def _corpus_size_lines(
 STUDENT_PREFIXES = ("refined-heads-", "distilled-lora-")
 
 
-def _student_order(method: str) -> tuple[int, int]:
-    for kind, prefix in enumerate(STUDENT_PREFIXES):
-        if method.startswith(prefix):
-            setting = method[len(prefix) :]
-            return (SETTINGS.index(setting) if setting in SETTINGS else len(SETTINGS), kind)
-    raise ValueError(f"{method!r} is not a student row")
+def _student_order(method: str) -> tuple[int, int, int]:
+    parsed = parse_student(method)
+    if parsed is None:
+        raise ValueError(f"{method!r} is not a student row")
+    kind, setting, seed = parsed
+    return (SETTINGS.index(setting) if setting in SETTINGS else len(SETTINGS), kind == "lora", seed)
 
 
 def merge_earlier(earlier: dict, result: dict) -> dict:
@@ -979,6 +1068,13 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of running, merge the results of this behaviour.json (a run written to "
         "another --out) into the report in --out",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the elicited text and of each student; rows of a seed other than 0 are "
+        "named with a -seedN suffix and kept beside the others when merged",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs"), help="folder for the report")
     parser.add_argument("--cache-dir", default=None, help="loracast cache folder")
     args = parser.parse_args(argv)
@@ -998,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.learning_rate is not None:
         plan.learning_rate = args.learning_rate
     plan.max_grad_norm = args.max_grad_norm
+    plan.seed = args.seed
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)
