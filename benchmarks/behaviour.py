@@ -85,8 +85,8 @@ from tasks import TASKS  # noqa: E402
 
 from loracast.adapters import load_adapter  # noqa: E402
 from loracast.cartridge import Cartridge, build_cartridge  # noqa: E402
-from loracast.elicit import ElicitConfig  # noqa: E402
 from loracast.corpus import load_corpus  # noqa: E402
+from loracast.elicit import ElicitConfig  # noqa: E402
 from loracast.eval.language_modeling import evaluate_language_modeling  # noqa: E402
 from loracast.eval.metrics import bootstrap_ci, gain_recovered, negative_flips  # noqa: E402
 from loracast.eval.sentiment import PROMPT_TEMPLATE, evaluate_sentiment  # noqa: E402
@@ -688,10 +688,10 @@ def _seed_lines(result: dict) -> list[str]:
         mean, spread = seed_spread(group)
         seeds = ", ".join(str(parse_student(row["method"])[2]) for row in group)
         gains = ", ".join(f"{row['gain_recovered']:.2f}" for row in group)
-        change = np.mean([row["general_bpb_change"] for row in group])
+        changes = [row["general_bpb_change"] for row in group if "general_bpb_change" in row]
+        change = _fmt(float(np.mean(changes)), 4) if changes else ""
         lines.append(
-            f"| {group[0]['method']} | {seeds} | {gains} | {mean:.2f} ± {spread:.2f} | "
-            f"{change:.4f} |"
+            f"| {group[0]['method']} | {seeds} | {gains} | {mean:.2f} ± {spread:.2f} | {change} |"
         )
     return [*lines, ""]
 

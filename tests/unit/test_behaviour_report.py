@@ -363,3 +363,65 @@ def test_settings_map_to_objectives():
     centred = behaviour._refine_config("template-centred", plan)
     assert centred.text == "template"
     assert centred.centre_shift
+
+
+def test_seed_names_round_trip():
+    behaviour = _load_behaviour()
+    for kind, setting, seed in [
+        ("lora", "elicited-mixed", 0),
+        ("lora", "elicited-mixed", 2),
+        ("heads", "template-centred", 11),
+        ("heads", "general", 0),
+    ]:
+        method = behaviour.student_method(kind, setting, seed)
+        assert behaviour.parse_student(method) == (kind, setting, seed)
+    assert behaviour.student_method("lora", "general") == "distilled-lora-general"
+    assert behaviour.parse_student("cartridge-mlp-seed1") is None
+    plan = behaviour.Plan(seed=3)
+    config = behaviour._refine_config("elicited-mixed", plan)
+    assert (config.seed, config.elicit.seed) == (3, 3)
+
+
+def test_seed_rows_are_merged_and_summarised(tmp_path):
+    behaviour = _load_behaviour()
+    first = _result("a->b", "python benchmarks/behaviour.py --seed 0")
+    first["runs"] += [
+        {
+            **_scored_row("distilled-lora-elicited-mixed", 0.5, 0.3),
+            "positions": 100,
+            "general_bpb_change": 0.05,
+        },
+        {**_scored_row("distilled-lora-general", 0.2, 0.4), "positions": 100},
+    ]
+    behaviour.write_report(_document([first]), tmp_path)
+    for seed, gain, positions in [(1, 0.6, 100), (2, 0.7, 100), (3, 0.9, 50)]:
+        rerun = _result("a->b", f"python benchmarks/behaviour.py --seed {seed}")
+        method = behaviour.student_method("lora", "elicited-mixed", seed)
+        row = _scored_row(method, gain, 0.2)
+        rerun["runs"] += [{**row, "positions": positions, "general_bpb_change": gain / 10}]
+        results = behaviour._stored_results(tmp_path / "behaviour.json", rerun, quick=False)
+        behaviour.write_report(_document(results), tmp_path)
+
+    rows = results[0]["runs"]
+    assert [row["method"] for row in rows[1:]] == [
+        "distilled-lora-general",
+        "distilled-lora-elicited-mixed",
+        "distilled-lora-elicited-mixed-seed1",
+        "distilled-lora-elicited-mixed-seed2",
+        "distilled-lora-elicited-mixed-seed3",
+    ]
+    # Seed 3 ran on fewer positions, so it is not one of the seeds of the same plan.
+    seeds = behaviour.seed_rows(rows, "distilled-lora-elicited-mixed")
+    assert [row["gain_recovered"] for row in seeds] == [0.5, 0.6, 0.7]
+    mean, spread = behaviour.seed_spread(seeds)
+    assert mean == pytest.approx(0.6)
+    assert spread == pytest.approx(0.1)
+    # The summary still shows the seed-0 student, not a seed row with a lower objective.
+    assert behaviour._chosen(rows, "elicited-mixed")["method"] == "distilled-lora-elicited-mixed"
+    page = (tmp_path / "behaviour.md").read_text()
+    assert "0.50 [0.40, 0.60] (distilled; 3 seeds 0.60 ± 0.10)" in page
+    seed_table = (
+        "| distilled-lora-elicited-mixed | 0, 1, 2 | 0.50, 0.60, 0.70 | 0.60 ± 0.10 | 0.0600 |"
+    )
+    assert seed_table in page
+    assert "data it sees" in page
