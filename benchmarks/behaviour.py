@@ -11,9 +11,13 @@ Usage:
         --corpus-sizes 2000 4000   # the same for one setting of another task
     python benchmarks/behaviour.py --merge-from /tmp/run/behaviour.json
                                    # fold a run written with --out /tmp/run into docs/
+    python benchmarks/behaviour.py --task shakespeare --settings elicited-mixed --seed 1
+                                   # another seed: rows named *-seed1, kept beside seed 0
 
 A rerun of some settings replaces those settings' rows of its direction and task and keeps the
-other rows, each with the command that produced it.
+other rows, each with the command that produced it. A seed draws the elicited text, the
+validation split, the batch order and the student's initialisation. Rows of seeds other than 0
+stay beside the seed-0 row, and the page adds their mean and spread.
 
 It reuses the main benchmark's cached adapters and bridges (``benchmarks/run.py`` trains and fits
 them when missing) and adds, for the chosen task:
@@ -30,6 +34,10 @@ them when missing) and adds, for the chosen task:
   student's next-token cross-entropy, over its whole vocabulary, on tokens the adapter sampled
   (``RefineConfig.sequence_weight``), with no KL term. It needs no shared vocabulary;
 - ``*-elicited-mixed``: the tilted KL plus that cross-entropy, with equal weights;
+- ``*-elicited-amplified``: as ``*-elicited-mixed``, on text sampled from the source's logits
+  ``base + a · (adapted − base)`` (``ElicitConfig.amplification``, ``--amplification``,
+  default 3). The adapter's change is amplified, so the text moves further toward what the
+  adapter favours; each sampled token costs one more forward pass without the adapter;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -115,6 +123,7 @@ class Plan:
     max_grad_norm: float | None = None
     n_validation: int = 200
     seed: int = 0
+    amplification: float = 3.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -187,9 +196,12 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         max_grad_norm=plan.max_grad_norm,
         centre_shift=setting == "template-centred",
         kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
-        sequence_weight=1.0 if setting in ("elicited-sequence", "elicited-mixed") else 0.0,
+        sequence_weight=1.0 if setting in SEQUENCE_SETTINGS else 0.0,
         seed=plan.seed,
-        elicit=ElicitConfig(seed=plan.seed),
+        elicit=ElicitConfig(
+            seed=plan.seed,
+            amplification=plan.amplification if setting == "elicited-amplified" else 1.0,
+        ),
     )
 
 
@@ -219,7 +231,7 @@ def _students(setup, plan, out, settings_run, kinds):
     for setting in settings_run:
         config = _refine_config(setting, plan)
         started = time.perf_counter()
-        key = (config.text, config.centre_shift)
+        key = (config.text, config.centre_shift, config.elicit.amplification)
         if key not in teachers:
             teachers[key] = build_teacher(
                 setup.source, setup.target, setup.kernels, setup.passages, setup.shared, config
@@ -245,9 +257,12 @@ SETTINGS = (
     "elicited",
     "elicited-sequence",
     "elicited-mixed",
+    "elicited-amplified",
     "template",
     "template-centred",
 )
+# Settings trained on the sampled tokens' cross-entropy.
+SEQUENCE_SETTINGS = ("elicited-sequence", "elicited-mixed", "elicited-amplified")
 # Settings run when --settings is not given. The template settings need a prompt template with
 # a free-text field, which only the sentiment task has.
 TASK_SETTINGS = {
@@ -262,6 +277,8 @@ DATA = {
     "elicited-sequence": "as elicited; trained on the sampled tokens' cross-entropy instead of "
     "the tilted KL",
     "elicited-mixed": "as elicited; tilted KL plus the sampled tokens' cross-entropy",
+    "elicited-amplified": "as elicited-mixed, but sampled from base + a · (adapted − base) "
+    "logits of the source, which pushes the text toward what the adapter favours (a in the plan)",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -386,7 +403,8 @@ def run(
     if task_name != "sentiment" and any(item.startswith("template") for item in settings_run):
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
-            f"supports --settings general elicited elicited-sequence elicited-mixed"
+            f"supports --settings general elicited elicited-sequence elicited-mixed "
+            f"elicited-amplified"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -714,10 +732,11 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "the interval is seed 0's.",
         "",
         "| direction, task | cartridge | general text only | elicited text"
-        " | elicited, cross-entropy | elicited, KL + cross-entropy | template"
+        " | elicited, cross-entropy | elicited, KL + cross-entropy"
+        " | amplified, KL + cross-entropy | template"
         " | template, centred | label-bias control | logit arithmetic"
         " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}
@@ -1069,6 +1088,13 @@ def main(argv: list[str] | None = None) -> int:
         "another --out) into the report in --out",
     )
     parser.add_argument(
+        "--amplification",
+        type=float,
+        default=None,
+        help="factor on the adapter's change of the logits when sampling the elicited-amplified "
+        "text (default 3)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -1095,6 +1121,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.learning_rate = args.learning_rate
     plan.max_grad_norm = args.max_grad_norm
     plan.seed = args.seed
+    if args.amplification is not None:
+        plan.amplification = args.amplification
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)

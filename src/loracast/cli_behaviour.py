@@ -116,6 +116,13 @@ def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: floa
         default=8,
         help="for elicited text, source tokens of each corpus passage kept as the prompt",
     )
+    parser.add_argument(
+        "--amplification",
+        type=float,
+        default=1.0,
+        help="for elicited text, sample from base + a * (adapted - base) logits: values above 1 "
+        "push the text toward what the adapter favours, at one more forward pass per token",
+    )
     parser.add_argument("--kl-weight", type=float, default=1.0, help="weight of the tilted KL term")
     parser.add_argument(
         "--sequence-weight",
@@ -135,7 +142,9 @@ def _training_config(args, text: str):
     return RefineConfig(
         text=text,
         template=args.template,
-        elicit=ElicitConfig(prefix_tokens=args.prefix_tokens, seed=args.seed),
+        elicit=ElicitConfig(
+            prefix_tokens=args.prefix_tokens, seed=args.seed, amplification=args.amplification
+        ),
         max_positions=args.max_positions,
         steps=args.steps,
         learning_rate=args.learning_rate,

@@ -9,15 +9,21 @@ inputs are short general-corpus prefixes. The caller attaches the adapter (for e
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from loracast.align import truncate_text
 from loracast.eval.classification import pad_left, pad_token_id
+
+if TYPE_CHECKING:
+    from loracast.refine import KernelSwitch
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +38,10 @@ class ElicitConfig:
         temperature: sampling temperature. At 1.0 it samples the adapted model's own distribution.
         batch_size: prompts generated together.
         seed: seed of the sampling.
+        amplification: factor ``a`` on the adapter's change of the next-token logits. Tokens are
+            sampled from ``base + a · (adapted − base)``: 1.0 samples the adapted model, and
+            larger values push the text further toward what the adapter favours, at the cost of
+            a second forward pass without the adapter per token.
     """
 
     prefix_tokens: int = 8
@@ -39,6 +49,7 @@ class ElicitConfig:
     temperature: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    amplification: float = 1.0
 
     def __post_init__(self) -> None:
         errors = []
@@ -48,6 +59,8 @@ class ElicitConfig:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
         if not self.temperature > 0:
             errors.append(f"temperature must be positive, got {self.temperature!r}")
+        if not self.amplification > 0:
+            errors.append(f"amplification must be positive, got {self.amplification!r}")
         if errors:
             raise ValueError("invalid ElicitConfig: " + "; ".join(errors))
 
@@ -63,12 +76,74 @@ def _stop_tokens(model, tokenizer) -> set[int]:
     return stops
 
 
+def _cache_argument(model: torch.nn.Module) -> str:
+    """Return the name of the key-value cache argument of ``model.forward``.
+
+    transformers 5.25 takes ``cache`` and warns that ``past_key_values`` will be removed; older
+    versions take only ``past_key_values``.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class AdapterAmplifier(LogitsProcessor):
+    """Logits processor that scales the adapter's change of the next-token logits.
+
+    At each step it runs the model once more with the adapter switched off, on the new tokens
+    only (its own key-value cache), and returns ``(base + a · (adapted − base)) / temperature``.
+    ``generate`` must run at temperature 1, so the temperature is applied here, after the
+    amplification.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: KernelSwitch,
+        prompt_mask: torch.Tensor,
+        amplification: float,
+        temperature: float,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.prompt_mask = prompt_mask
+        self.amplification = amplification
+        self.temperature = temperature
+        self.cache = None
+        self.seen = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_mask.shape[1]
+        mask = torch.cat(
+            [self.prompt_mask, self.prompt_mask.new_ones(len(input_ids), generated)], 1
+        )
+        # Left padding: positions count real tokens only, as ``generate`` counts them.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        self.adapter.multiplier = 0.0
+        try:
+            with torch.no_grad():
+                output = self.model(
+                    input_ids=input_ids[:, self.seen :],
+                    attention_mask=mask,
+                    position_ids=positions[:, self.seen :],
+                    use_cache=True,
+                    **{_cache_argument(self.model): self.cache},
+                )
+        finally:
+            self.adapter.multiplier = 1.0
+        key = "cache" if "cache" in output else "past_key_values"
+        self.cache, self.seen = output[key], input_ids.shape[1]
+        base = output.logits[:, -1].float()
+        amplified = base + self.amplification * (scores.float() - base)
+        return (amplified / self.temperature).to(scores.dtype)
+
+
 def elicit_texts(
     model: torch.nn.Module,
     tokenizer,
     passages: Sequence[str],
     config: ElicitConfig | None = None,
     *,
+    adapter: KernelSwitch | None = None,
     show_progress: bool = True,
 ) -> Iterator[str]:
     """Yield, per passage, its first ``prefix_tokens`` tokens continued by sampling from ``model``.
@@ -82,9 +157,20 @@ def elicit_texts(
         tokenizer: its tokenizer.
         passages: general-corpus passages; only their prefixes are read.
         config: sampling settings.
+        adapter: the switch that ``kernel_hooks`` yields. Needed when ``config.amplification``
+            is not 1, to run the model without the adapter.
         show_progress: show a progress bar.
+
+    Raises:
+        ValueError: ``config.amplification`` is not 1 and no ``adapter`` switch is given.
     """
     config = config or ElicitConfig()
+    amplify = config.amplification != 1.0
+    if amplify and adapter is None:
+        raise ValueError(
+            f"amplification {config.amplification} needs the adapter's switch: pass "
+            "adapter=switch from `with kernel_hooks(model, kernels) as switch`"
+        )
     prompts = [truncate_text(tokenizer, passage, config.prefix_tokens) for passage in passages]
     prompts = [prompt for prompt in prompts if prompt.strip()]
     pad_id = pad_token_id(tokenizer)
@@ -101,16 +187,22 @@ def elicit_texts(
             batch = prompts[start : start + config.batch_size]
             ids, mask = pad_left([tokenizer(prompt)["input_ids"] for prompt in batch], pad_id)
             ids, mask = ids.to(device), mask.to(device)
+            processors = LogitsProcessorList()
+            if amplify:
+                processors.append(
+                    AdapterAmplifier(model, adapter, mask, config.amplification, config.temperature)
+                )
             with torch.no_grad():
                 output = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
                     do_sample=True,
-                    temperature=config.temperature,
+                    temperature=1.0 if amplify else config.temperature,
                     top_k=0,
                     top_p=1.0,
                     max_new_tokens=config.new_tokens,
                     pad_token_id=pad_id,
+                    logits_processor=processors,
                 )
             for row, length in enumerate(mask.sum(1).tolist()):
                 continuation = output[row, ids.shape[1] :].tolist()

@@ -220,20 +220,33 @@ class RefineReport:
         return next(entry for entry in self.history if entry["step"] == self.best_step)
 
 
+@dataclass
+class KernelSwitch:
+    """Multiplier of every update that ``kernel_hooks`` adds; 0 turns the adapter off."""
+
+    multiplier: float = 1.0
+
+
 @contextmanager
-def kernel_hooks(model: torch.nn.Module, kernels: dict[Site, Kernel]) -> Iterator[None]:
+def kernel_hooks(model: torch.nn.Module, kernels: dict[Site, Kernel]) -> Iterator[KernelSwitch]:
     """Add each kernel's LoRA update ``scale · B · A · x`` to its site while the context is open.
 
     A site that is one role of a fused projection adds its update to that role's rows only.
+    The context yields a ``KernelSwitch``: setting its multiplier scales every update, so a
+    caller can run the model without the adapter inside the context.
     """
     handles = []
+    switch = KernelSwitch()
 
     def make_hook(kernel: Kernel, rows: torch.Tensor | None):
         A, B = kernel.A.float(), kernel.B.float()
 
         def hook(module, args, output):
+            if switch.multiplier == 0:
+                return output
             x = args[0]
-            delta = (x.float() @ A.to(x.device).T) @ B.to(x.device).T * kernel.scale
+            scale = kernel.scale * switch.multiplier
+            delta = (x.float() @ A.to(x.device).T) @ B.to(x.device).T * scale
             if rows is None:
                 return output + delta.to(output.dtype)
             return output.index_add(-1, rows.to(x.device), delta.to(output.dtype))
@@ -245,7 +258,7 @@ def kernel_hooks(model: torch.nn.Module, kernels: dict[Site, Kernel]) -> Iterato
             module = model.get_submodule(site.module_name)
             hook = make_hook(kernel, output_rows(model, site))
             handles.append(module.register_forward_hook(hook))
-        yield
+        yield switch
     finally:
         for handle in handles:
             handle.remove()
@@ -276,12 +289,18 @@ def _texts_and_pairs(source, target, kernels, passages, config, show_progress):
     Stops once the texts contain ``config.max_positions`` aligned positions.
     """
     if config.text == "elicited":
-        candidates = elicit_texts(
-            source.model, source.tokenizer, passages, config.elicit, show_progress=show_progress
-        )
         # Consumed inside the context, so every sample is drawn with the adapter attached.
-        with kernel_hooks(source.model, kernels), closing(candidates):
-            texts, pairs = _collect(source, target, candidates, config)
+        with kernel_hooks(source.model, kernels) as switch:
+            candidates = elicit_texts(
+                source.model,
+                source.tokenizer,
+                passages,
+                config.elicit,
+                adapter=switch,
+                show_progress=show_progress,
+            )
+            with closing(candidates):
+                texts, pairs = _collect(source, target, candidates, config)
         logger.info("elicited %d texts from the source with the adapter", len(texts))
         return texts, pairs
     return _collect(source, target, passages, config)

@@ -172,3 +172,65 @@ def test_sequence_weight_needs_elicited_text():
         RefineConfig(sequence_weight=1.0)
     with pytest.raises(ValueError, match="both 0"):
         RefineConfig(text="elicited", kl_weight=0.0)
+
+
+def _last_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
+
+
+def test_amplifier_scales_the_adapter_change(setup, tiny_source):  # noqa: F811
+    from loracast.elicit import AdapterAmplifier
+    from loracast.eval.classification import pad_left, pad_token_id
+
+    _, adapter, _ = setup
+    model, tokenizer = tiny_source.model, tiny_source.tokenizer
+    rows = [[5, 9, 14, 3, 22], [7, 11]]
+    ids, mask = pad_left(rows, pad_token_id(tokenizer))
+    with kernel_hooks(model, adapter.kernels) as switch:
+        amplifier = AdapterAmplifier(model, switch, mask, amplification=3.0, temperature=0.5)
+        for step in range(3):
+            adapted = torch.stack([_last_logits(model, row) for row in rows])
+            switch.multiplier = 0.0
+            base = torch.stack([_last_logits(model, row) for row in rows])
+            switch.multiplier = 1.0
+            expected = (base + 3.0 * (adapted - base)) / 0.5
+            written = torch.tensor([row[len(row) - step :] for row in rows], dtype=torch.long)
+            got = amplifier(torch.cat([ids, written], 1), adapted)
+            assert switch.multiplier == 1.0
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            new_tokens = got.argmax(-1).tolist()
+            rows = [row + [token] for row, token in zip(rows, new_tokens, strict=True)]
+
+
+def test_amplified_sampling_differs_and_needs_the_switch(setup, tiny_source, tiny_corpus):  # noqa: F811
+    _, adapter, _ = setup
+    amplified = ElicitConfig(prefix_tokens=4, new_tokens=12, batch_size=3, amplification=4.0)
+    with pytest.raises(ValueError, match="amplification 4.0 needs the adapter's switch"):
+        next(elicit_texts(tiny_source.model, tiny_source.tokenizer, tiny_corpus[:3], amplified))
+    with kernel_hooks(tiny_source.model, adapter.kernels) as switch:
+        plain = list(
+            elicit_texts(
+                tiny_source.model,
+                tiny_source.tokenizer,
+                tiny_corpus[:6],
+                SMALL,
+                adapter=switch,
+                show_progress=False,
+            )
+        )
+        pushed = list(
+            elicit_texts(
+                tiny_source.model,
+                tiny_source.tokenizer,
+                tiny_corpus[:6],
+                amplified,
+                adapter=switch,
+                show_progress=False,
+            )
+        )
+    assert len(pushed) == len(plain)
+    assert pushed != plain
+    for text, passage in zip(pushed, tiny_corpus[:6], strict=True):
+        prefix = truncate_text(tiny_source.tokenizer, passage, amplified.prefix_tokens)
+        assert text.startswith(prefix.strip()[:4])
