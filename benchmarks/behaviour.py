@@ -802,13 +802,14 @@ def write_report(document: dict, out: Path) -> None:
         if result.get("higher_is_better") is False:
             metric += " (lower is better)"
         lines += [
-            f"| method | data it sees | {metric} | gain recovered | 95% interval | negative flips"
-            " | push | behaviour cosine | general bpb change | train s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| method | data it sees | positions | {metric} | gain recovered | 95% interval"
+            " | negative flips | push | behaviour cosine | general bpb change | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["runs"]:
             lines.append(
-                f"| {row['method']} | {row['data']} | {_fmt(row['score'])} | "
+                f"| {row['method']} | {row['data']} | {_fmt(row.get('positions'))} | "
+                f"{_fmt(row['score'])} | "
                 f"{_fmt(row.get('gain_recovered'), 2)} | {_interval(row)} | "
                 f"{_fmt(row.get('negative_flips'))} | "
                 f"{_fmt(row.get('push_toward_correct_label'), 2)} | "

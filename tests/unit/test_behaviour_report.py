@@ -271,8 +271,8 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
 
     page = (tmp_path / "behaviour.md").read_text()
     assert [result["task"] for result in results] == ["sentiment", "shakespeare"]
-    assert "| method | data it sees | bits per byte (lower is better) |" in page
-    assert "| source-adapter |  | 1.700 |  |  |" in page
+    assert "| method | data it sees | positions | bits per byte (lower is better) |" in page
+    assert "| source-adapter |  |  | 1.700 |  |  |" in page
     summary = next(line for line in page.splitlines() if line.startswith("| a->b, shakespeare"))
     # The elicited column comes after the general one, which was not run here.
     assert "| not run | 0.60 [0.50, 0.70] (distilled) | not run |" in summary
@@ -424,4 +424,4 @@ def test_seed_rows_are_merged_and_summarised(tmp_path):
         "| distilled-lora-elicited-mixed | 0, 1, 2 | 0.50, 0.60, 0.70 | 0.60 ± 0.10 | 0.0600 |"
     )
     assert seed_table in page
-    assert "data it sees" in page
+    assert "| distilled-lora-elicited-mixed-seed3 | text | 50 | 0.500 | 0.90 |" in page
