@@ -195,6 +195,8 @@ def test_refine_on_elicited_text(model_folders, capsys):
         "5",
         "--sequence-weight",
         "0.5",
+        "--amplification",
+        "2",
     )
     assert main(arguments) == 0
     assert "sampled-token cross-entropy" in capsys.readouterr().out
@@ -202,6 +204,7 @@ def test_refine_on_elicited_text(model_folders, capsys):
     assert config["refinement"]["text"] == "elicited"
     assert config["refinement"]["sequence_weight"] == 0.5
     assert config["refinement"]["report"]["config"]["elicit"]["prefix_tokens"] == 5
+    assert config["refinement"]["report"]["config"]["elicit"]["amplification"] == 2.0
 
     assert main([*arguments, "--overwrite", "--template", "Note: {text}\nLabel:"]) == 2
     assert "pass one of them" in capsys.readouterr().err
