@@ -669,8 +669,30 @@ def seed_rows(rows: list[dict], method: str) -> list[dict]:
         (row for row in rows if (parse_student(row["method"]) or ())[:2] == (kind, setting)),
         key=lambda row: parse_student(row["method"])[2],
     )
-    positions = {row.get("positions") for row in matching[:1]}
-    return [row for row in matching if row.get("positions") in positions]
+    positions = {student_positions(row) for row in matching[:1]}
+    return [row for row in matching if student_positions(row) in positions]
+
+
+def student_positions(row: dict) -> int | None:
+    """Return the teacher positions of a student row, or None for a row of another kind.
+
+    Rows written before students recorded them took their run's plan: the recorded plan, else
+    the default plan with the sizes that the run's command changed.
+    """
+    parsed = parse_student(row["method"])
+    if parsed is None:
+        return None
+    if row.get("positions") is not None:
+        return row["positions"]
+    run_info = row.get("run") or {}
+    option = "template_passages" if parsed[1].startswith("template") else "general_positions"
+    if run_info.get("plan"):
+        return run_info["plan"][option]
+    words = run_info.get("command", "").split()
+    flag = "--" + option.replace("_", "-")
+    if flag in words:
+        return int(words[words.index(flag) + 1])
+    return getattr(Plan(), option) if run_info else None
 
 
 def seed_spread(rows: list[dict]) -> tuple[float, float]:
@@ -808,7 +830,7 @@ def write_report(document: dict, out: Path) -> None:
         ]
         for row in result["runs"]:
             lines.append(
-                f"| {row['method']} | {row['data']} | {_fmt(row.get('positions'))} | "
+                f"| {row['method']} | {row['data']} | {_fmt(student_positions(row))} | "
                 f"{_fmt(row['score'])} | "
                 f"{_fmt(row.get('gain_recovered'), 2)} | {_interval(row)} | "
                 f"{_fmt(row.get('negative_flips'))} | "

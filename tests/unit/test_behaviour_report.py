@@ -384,11 +384,11 @@ def test_seed_names_round_trip():
 
 def test_seed_rows_are_merged_and_summarised(tmp_path):
     behaviour = _load_behaviour()
-    first = _result("a->b", "python benchmarks/behaviour.py --seed 0")
+    # Written before students recorded their positions: the command names them.
+    first = _result("a->b", "python benchmarks/behaviour.py --general-positions 100")
     first["runs"] += [
         {
             **_scored_row("distilled-lora-elicited-mixed", 0.5, 0.3),
-            "positions": 100,
             "general_bpb_change": 0.05,
         },
         {**_scored_row("distilled-lora-general", 0.2, 0.4), "positions": 100},
@@ -425,3 +425,20 @@ def test_seed_rows_are_merged_and_summarised(tmp_path):
     )
     assert seed_table in page
     assert "| distilled-lora-elicited-mixed-seed3 | text | 50 | 0.500 | 0.90 |" in page
+    assert "| distilled-lora-elicited-mixed | text | 100 | 0.500 | 0.50 |" in page
+
+
+def test_student_positions_of_older_rows():
+    behaviour = _load_behaviour()
+    plan = behaviour.Plan()
+    old_run = {"command": "python benchmarks/behaviour.py --template-passages 50"}
+    cases = [
+        ({"method": "distilled-lora-general", "positions": 7}, 7),
+        ({"method": "distilled-lora-template", "run": old_run}, 50),
+        ({"method": "refined-heads-general", "run": old_run}, plan.general_positions),
+        ({"method": "distilled-lora-elicited", "run": {"plan": {"general_positions": 9}}}, 9),
+        ({"method": "distilled-lora-general"}, None),
+        ({"method": "target-base", "run": old_run}, None),
+    ]
+    for row, expected in cases:
+        assert behaviour.student_positions(row) == expected, row
