@@ -634,9 +634,14 @@ def _chosen(rows: list[dict], setting: str) -> dict | None:
         if parse_student(row["method"]) in (("heads", setting, 0), ("lora", setting, 0))
         and "best" in row.get("held_out_kl", {})
     ]
-    # Rows kept from an earlier run had another teacher, so compare within the latest run.
-    latest = [row for row in candidates if "run" not in row]
-    candidates = latest or candidates
+
+    # Rows of different runs had different teachers, so compare within the latest run that
+    # trained this setting. Rows without a run record belong to the report's own run.
+    def run_date(row: dict) -> str:
+        return row["run"]["date"] if row.get("run") else "~"
+
+    latest = max((run_date(row) for row in candidates), default=None)
+    candidates = [row for row in candidates if run_date(row) == latest]
     return min(
         candidates,
         key=lambda row: row.get("held_out_loss", row["held_out_kl"])["best"],

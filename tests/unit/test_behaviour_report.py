@@ -442,3 +442,18 @@ def test_student_positions_of_older_rows():
     ]
     for row, expected in cases:
         assert behaviour.student_positions(row) == expected, row
+
+
+def test_choice_uses_latest_run_of_setting():
+    behaviour = _load_behaviour()
+    older = {"date": "2026-12-05T10:00:00+00:00", "command": "old"}
+    newer = {"date": "2026-12-05T12:00:00+00:00", "command": "new"}
+    rows = [
+        {**_student_row("refined-heads-elicited", 0.1, 0.2), "run": older},
+        {**_student_row("distilled-lora-elicited", 0.4, 0.5), "run": newer},
+        # A later seed of another setting does not make the elicited rows incomparable.
+        _student_row("distilled-lora-elicited-mixed-seed1", 0.5, 0.1),
+    ]
+    assert behaviour._chosen(rows, "elicited")["method"] == "distilled-lora-elicited"
+    rows.append(_student_row("refined-heads-elicited", 0.3, 0.6))
+    assert behaviour._chosen(rows, "elicited") is rows[-1]
