@@ -741,6 +741,11 @@ def _seed_lines(result: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _positions_cell(row: dict) -> str:
+    positions = student_positions(row)
+    return "" if positions is None else f", {positions} positions"
+
+
 def _is_seed_zero(row: dict) -> bool:
     parsed = parse_student(row["method"])
     return parsed is not None and parsed[2] == 0
@@ -771,7 +776,7 @@ def _summary_lines(results: list[dict]) -> list[str]:
         chosen = {setting: _chosen(result["runs"], setting) for setting in SETTINGS}
         cells = [
             f"{_gain_cell(chosen[setting])} ({chosen[setting]['method'].split('-')[0]}"
-            f"{_seeds_cell(result['runs'], chosen[setting])})"
+            f"{_positions_cell(chosen[setting])}{_seeds_cell(result['runs'], chosen[setting])})"
             if chosen[setting] is not None
             else "not run"
             for setting in SETTINGS
@@ -807,9 +812,9 @@ def write_report(document: dict, out: Path) -> None:
         "LoRA's own change is the reference for a harmless side effect.",
         "",
         "Defaults: `loracast distil` trains the `elicited-mixed` distilled LoRA, the best",
-        "variant on Shakespeare in both directions. `loracast transfer` still writes the",
-        "unrefined cartridge: its bridge carries any adapter with no adapter-specific",
-        "training, and every student here is trained for one adapter.",
+        "variant on Shakespeare in both directions over three seeds. `loracast transfer` still",
+        "writes the unrefined cartridge: its bridge carries any adapter with no",
+        "adapter-specific training, and every student here is trained for one adapter.",
         "",
         *_summary_lines(document["results"]),
     ]

@@ -419,7 +419,7 @@ def test_seed_rows_are_merged_and_summarised(tmp_path):
     # The summary still shows the seed-0 student, not a seed row with a lower objective.
     assert behaviour._chosen(rows, "elicited-mixed")["method"] == "distilled-lora-elicited-mixed"
     page = (tmp_path / "behaviour.md").read_text()
-    assert "0.50 [0.40, 0.60] (distilled; 3 seeds 0.60 ± 0.10)" in page
+    assert "0.50 [0.40, 0.60] (distilled, 100 positions; 3 seeds 0.60 ± 0.10)" in page
     seed_table = (
         "| distilled-lora-elicited-mixed | 0, 1, 2 | 0.50, 0.60, 0.70 | 0.60 ± 0.10 | 0.0600 |"
     )
