@@ -37,7 +37,7 @@ them when missing) and adds, for the chosen task:
 - ``*-elicited-amplified``: as ``*-elicited-mixed``, on text sampled from the source's logits
   ``base + a · (adapted − base)`` (``ElicitConfig.amplification``, ``--amplification``,
   default 3). The adapter's change is amplified, so the text moves further toward what the
-  adapter favours; each sampled token costs one more forward pass without the adapter;
+  adapter favours. Each sampled token costs one more forward pass without the adapter;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -707,7 +707,7 @@ def seed_spread(rows: list[dict]) -> tuple[float, float]:
 
 
 def _seeds_cell(rows: list[dict], row: dict | None) -> str:
-    """Return ``"; mean of N seeds m ± s"`` for a chosen row trained with several seeds."""
+    """Return ``"; N seeds m ± s"`` for a chosen row trained with several seeds."""
     seeds = [] if row is None else seed_rows(rows, row["method"])
     if len(seeds) < 2:
         return ""
