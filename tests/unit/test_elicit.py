@@ -179,7 +179,7 @@ def _last_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
 
 
-def test_amplifier_scales_the_adapter_change(setup, tiny_source):  # noqa: F811
+def test_amplifier_scales_adapter_change(setup, tiny_source):  # noqa: F811
     from loracast.elicit import AdapterAmplifier
     from loracast.eval.classification import pad_left, pad_token_id
 
@@ -203,31 +203,24 @@ def test_amplifier_scales_the_adapter_change(setup, tiny_source):  # noqa: F811
             rows = [row + [token] for row, token in zip(rows, new_tokens, strict=True)]
 
 
-def test_amplified_sampling_differs_and_needs_the_switch(setup, tiny_source, tiny_corpus):  # noqa: F811
+def test_amplified_sampling_needs_switch(setup, tiny_source, tiny_corpus):  # noqa: F811
     _, adapter, _ = setup
     amplified = ElicitConfig(prefix_tokens=4, new_tokens=12, batch_size=3, amplification=4.0)
     with pytest.raises(ValueError, match="amplification 4.0 needs the adapter's switch"):
         next(elicit_texts(tiny_source.model, tiny_source.tokenizer, tiny_corpus[:3], amplified))
     with kernel_hooks(tiny_source.model, adapter.kernels) as switch:
-        plain = list(
-            elicit_texts(
-                tiny_source.model,
-                tiny_source.tokenizer,
-                tiny_corpus[:6],
-                SMALL,
-                adapter=switch,
-                show_progress=False,
+        plain, pushed = (
+            list(
+                elicit_texts(
+                    tiny_source.model,
+                    tiny_source.tokenizer,
+                    tiny_corpus[:6],
+                    config,
+                    adapter=switch,
+                    show_progress=False,
+                )
             )
-        )
-        pushed = list(
-            elicit_texts(
-                tiny_source.model,
-                tiny_source.tokenizer,
-                tiny_corpus[:6],
-                amplified,
-                adapter=switch,
-                show_progress=False,
-            )
+            for config in (SMALL, amplified)
         )
     assert len(pushed) == len(plain)
     assert pushed != plain
