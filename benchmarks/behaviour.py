@@ -46,6 +46,12 @@ them when missing) and adds, for the chosen task:
   adapter's mean change over all filled templates removed from the teacher. Filled with general
   text, the template makes the adapter favour one label on average, and the student should not
   learn that constant shift;
+- ``refined-heads-task-text`` and ``distilled-lora-task-text``: a diagnostic, not a method. The
+  tilted KL on the adapter's own training text (each training pair's prompt and completion), so
+  the student learns the adapter's change at the positions where it was trained. It uses task
+  data, so it is never a no-task-data result: it is a ceiling for the text, which shows how much
+  of what the strict settings miss is lost to the text and how much to the objective and the
+  student;
 - ``logit-arithmetic``: the target's choice log-likelihoods plus the source adapter's change of
   them (proxy-tuning at the sequence level), which needs the source and source + adapter at
   inference;
@@ -185,7 +191,7 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
 
 def _refine_config(setting: str, plan: Plan) -> RefineConfig:
     """Return the refinement settings of one text setting and objective."""
-    text = setting.split("-")[0]
+    text = "general" if setting in TASK_TEXT_SETTINGS else setting.split("-")[0]
     return RefineConfig(
         text=text,
         template=PROMPT_TEMPLATE if text == "template" else None,
@@ -232,9 +238,11 @@ def _students(setup, plan, out, settings_run, kinds):
         config = _refine_config(setting, plan)
         started = time.perf_counter()
         key = (config.text, config.centre_shift, config.elicit.amplification)
+        key += (setting in TASK_TEXT_SETTINGS,)
         if key not in teachers:
+            passages = setup.task_texts if setting in TASK_TEXT_SETTINGS else setup.passages
             teachers[key] = build_teacher(
-                setup.source, setup.target, setup.kernels, setup.passages, setup.shared, config
+                setup.source, setup.target, setup.kernels, passages, setup.shared, config
             )
         teacher = teachers[key]
         teacher_seconds = time.perf_counter() - started
@@ -260,6 +268,7 @@ SETTINGS = (
     "elicited-amplified",
     "template",
     "template-centred",
+    "task-text",
 )
 # Settings trained on the sampled tokens' cross-entropy.
 SEQUENCE_SETTINGS = ("elicited-sequence", "elicited-mixed", "elicited-amplified")
@@ -282,7 +291,12 @@ DATA = {
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
+    "task-text": "diagnostic, not a method: the adapter's own training text (prompts and "
+    "completions), tilted KL only; it uses task data, to show how much the text limits the "
+    "strict settings",
 }
+# Settings whose teacher reads the adapter's training text instead of the general corpus.
+TASK_TEXT_SETTINGS = ("task-text",)
 
 
 def _evaluate_all(setup, students, evaluate):
@@ -352,6 +366,7 @@ class Setup:
     kernels: dict
     cartridge: Cartridge
     shared: object
+    task_texts: list[str]
 
 
 def _setup(direction: str, task_name: str, settings: Settings, cache: Path) -> Setup:
@@ -385,7 +400,13 @@ def _setup(direction: str, task_name: str, settings: Settings, cache: Path) -> S
         kernels=kernels,
         cartridge=build_cartridge(bridges[DEFAULT_BRIDGE], load_adapter(source_adapter)),
         shared=shared_vocabulary(source.tokenizer, target.tokenizer),
+        task_texts=task_texts(task, train),
     )
+
+
+def task_texts(task, examples) -> list[str]:
+    """Return the text the adapter was trained on: each training pair's prompt and completion."""
+    return [prompt + completion for prompt, completion in task.training_pairs(examples)]
 
 
 def run(
@@ -404,7 +425,7 @@ def run(
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
             f"supports --settings general elicited elicited-sequence elicited-mixed "
-            f"elicited-amplified"
+            f"elicited-amplified task-text"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -760,15 +781,17 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "distilled LoRA) with the lower value of the setting's objective on held-out positions",
         "is shown, so no test score chose it. The behaviour cosine is measured on held-out",
         "corpus positions. The template settings and the controls exist for sentiment only.",
+        "The task-text column is a diagnostic that reads the adapter's training text, so it is",
+        "a ceiling for the text and not a no-task-data result.",
         "Where the student was trained with several seeds, the cell adds their mean ± spread;",
         "the interval is seed 0's.",
         "",
         "| direction, task | cartridge | general text only | elicited text"
         " | elicited, cross-entropy | elicited, KL + cross-entropy"
         " | amplified, KL + cross-entropy | template"
-        " | template, centred | label-bias control | logit arithmetic"
+        " | template, centred | task text (diagnostic) | label-bias control | logit arithmetic"
         " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}

@@ -351,6 +351,7 @@ def test_settings_map_to_objectives():
         "elicited": ("elicited", 1.0, 0.0),
         "elicited-sequence": ("elicited", 0.0, 1.0),
         "elicited-mixed": ("elicited", 1.0, 1.0),
+        "task-text": ("general", 1.0, 0.0),
     }
     for setting, (text, kl_weight, sequence_weight) in expected.items():
         config = behaviour._refine_config(setting, plan)
@@ -363,6 +364,50 @@ def test_settings_map_to_objectives():
     centred = behaviour._refine_config("template-centred", plan)
     assert centred.text == "template"
     assert centred.centre_shift
+
+
+def test_task_text_teacher_reads_training_pairs(monkeypatch):
+    behaviour = _load_behaviour()
+    from loracast.eval.arithmetic import arithmetic_splits
+    from loracast.refine import RefineReport
+
+    task = behaviour.TASKS["arithmetic"]
+    train = arithmetic_splits(seed=0, n_train=3, n_test=2).train
+    texts = behaviour.task_texts(task, train)
+    assert texts == [f"{example.prompt} {example.answer}\n" for example in train]
+
+    read = {}
+
+    def fake_teacher(source, target, kernels, passages, shared, config):
+        read[config.text, len(passages)] = list(passages)
+        return object()
+
+    def fake_distil(target, teacher, shared, folder, config):
+        return RefineReport(student="lora", config={}, positions=1, validation_positions=1)
+
+    monkeypatch.setattr(behaviour, "build_teacher", fake_teacher)
+    monkeypatch.setattr(behaviour, "distil_lora", fake_distil)
+    setup = behaviour.Setup(
+        source=None,
+        target=None,
+        passages=["general one", "general two"],
+        held_out=[],
+        task=task,
+        test=[],
+        source_adapter=Path("."),
+        retrained=Path("."),
+        kernels={},
+        cartridge=None,
+        shared=None,
+        task_texts=texts,
+    )
+    plan = behaviour.Plan.quick()
+    students = behaviour._students(
+        setup, plan, Path("."), ("general", "task-text"), ("lora",)
+    )
+
+    assert set(students) == {"distilled-lora-general", "distilled-lora-task-text"}
+    assert read == {("general", 2): setup.passages, ("general", 3): texts}
 
 
 def test_seed_names_round_trip():
