@@ -38,6 +38,11 @@ them when missing) and adds, for the chosen task:
   ``base + a · (adapted − base)`` (``ElicitConfig.amplification``, ``--amplification``,
   default 3). The adapter's change is amplified, so the text moves further toward what the
   adapter favours. Each sampled token costs one more forward pass without the adapter;
+- ``*-elicited-nucleus``: as ``*-elicited-mixed``, on text sampled from the nucleus of the
+  adapted source's distribution: each token comes from the most likely tokens that make up
+  ``top_p`` of the probability (``ElicitConfig.top_p``, ``--top-p``, default 0.9), at the
+  plan's temperature (``--temperature``, default 1). A small model sampled from its whole
+  distribution writes many unlikely tokens, and the text drifts away from any real domain;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -52,14 +57,17 @@ them when missing) and adds, for the chosen task:
   data, so it is never a no-task-data result: it is a ceiling for the text, which shows how much
   of what the strict settings miss is lost to the text and how much to the objective and the
   student;
-- ``logit-arithmetic``: the target's choice log-likelihoods plus the source adapter's change of
-  them (proxy-tuning at the sequence level), which needs the source and source + adapter at
-  inference;
+- ``logit-arithmetic``: for sentiment, the target's choice log-likelihoods plus the source
+  adapter's change of them (proxy-tuning at the sequence level); for Shakespeare, the target's
+  next-token logits plus the source adapter's change over the shared vocabulary at aligned
+  positions (``loracast.logit_arithmetic``), the distribution the tilted-KL teacher aims at.
+  Both need the source and source + adapter at inference;
 - ``control-label-bias``: the best constant bias on the target's three label scores, fitted on
   the labelled validation split. A control, not a method: a carried adapter that only moves the
   label prior is not transfer.
 
-The template settings, logit arithmetic and the label-bias control are run for sentiment only.
+The template settings and the label-bias control are run for sentiment only, and logit
+arithmetic for sentiment and Shakespeare.
 
 Beside the score and gain recovered it reports three more figures. The push (sentiment only)
 is the mean change of the correct label's centred log-likelihood against the target base. The
@@ -104,6 +112,7 @@ from loracast.elicit import ElicitConfig  # noqa: E402
 from loracast.eval.language_modeling import evaluate_language_modeling  # noqa: E402
 from loracast.eval.metrics import bootstrap_ci, gain_recovered, negative_flips  # noqa: E402
 from loracast.eval.sentiment import PROMPT_TEMPLATE, evaluate_sentiment  # noqa: E402
+from loracast.logit_arithmetic import LogitArithmetic  # noqa: E402
 from loracast.models import load_model  # noqa: E402
 from loracast.packages import cache_dir  # noqa: E402
 from loracast.refine import RefineConfig, build_teacher, distil_lora, refine_cartridge  # noqa: E402
@@ -130,6 +139,8 @@ class Plan:
     n_validation: int = 200
     seed: int = 0
     amplification: float = 3.0
+    top_p: float = 0.9
+    temperature: float = 1.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -207,6 +218,8 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         elicit=ElicitConfig(
             seed=plan.seed,
             amplification=plan.amplification if setting == "elicited-amplified" else 1.0,
+            top_p=plan.top_p if setting == "elicited-nucleus" else 1.0,
+            temperature=plan.temperature if setting == "elicited-nucleus" else 1.0,
         ),
     )
 
@@ -237,7 +250,9 @@ def _students(setup, plan, out, settings_run, kinds):
     for setting in settings_run:
         config = _refine_config(setting, plan)
         started = time.perf_counter()
-        key = (config.text, config.centre_shift, config.elicit.amplification)
+        elicit = config.elicit
+        key = (config.text, config.centre_shift, elicit.amplification, elicit.top_p)
+        key += (elicit.temperature,)
         key += (setting in TASK_TEXT_SETTINGS,)
         if key not in teachers:
             passages = setup.task_texts if setting in TASK_TEXT_SETTINGS else setup.passages
@@ -266,12 +281,18 @@ SETTINGS = (
     "elicited-sequence",
     "elicited-mixed",
     "elicited-amplified",
+    "elicited-nucleus",
     "template",
     "template-centred",
     "task-text",
 )
 # Settings trained on the sampled tokens' cross-entropy.
-SEQUENCE_SETTINGS = ("elicited-sequence", "elicited-mixed", "elicited-amplified")
+SEQUENCE_SETTINGS = (
+    "elicited-sequence",
+    "elicited-mixed",
+    "elicited-amplified",
+    "elicited-nucleus",
+)
 # Settings run when --settings is not given. The template settings need a prompt template with
 # a free-text field, which only the sentiment task has.
 TASK_SETTINGS = {
@@ -288,6 +309,9 @@ DATA = {
     "elicited-mixed": "as elicited; tilted KL plus the sampled tokens' cross-entropy",
     "elicited-amplified": "as elicited-mixed, but sampled from base + a · (adapted − base) "
     "logits of the source, which pushes the text toward what the adapter favours (a in the plan)",
+    "elicited-nucleus": "as elicited-mixed, but each token is sampled from the nucleus of the "
+    "adapted source's distribution (top_p and temperature in the plan), which keeps the text "
+    "closer to what the source writes well",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -295,6 +319,7 @@ DATA = {
     "completions), tilted KL only; it uses task data, to show how much the text limits the "
     "strict settings",
 }
+LOGIT_ARITHMETIC_DATA = "source and source + adapter at inference, no training"
 # Settings whose teacher reads the adapter's training text instead of the general corpus.
 TASK_TEXT_SETTINGS = ("task-text",)
 
@@ -425,7 +450,7 @@ def run(
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
             f"supports --settings general elicited elicited-sequence elicited-mixed "
-            f"elicited-amplified task-text"
+            f"elicited-amplified elicited-nucleus task-text"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -456,7 +481,7 @@ def run(
             labels,
             base,
             reference,
-            "source and source + adapter at inference, no training",
+            LOGIT_ARITHMETIC_DATA,
         )
     )
     validation_result = _sentiment(target.model, target.tokenizer, validation)[0]
@@ -563,6 +588,22 @@ def _run_task(setup: Setup, students: dict, out: Path) -> dict:
             continue
         data = _data(method, students)
         rows.append(_task_row(method, task, result, base, reference, data, **extra))
+    if not task.higher_is_better:
+        # Logit arithmetic wraps the forward pass, so it scores language modelling only;
+        # generation would need the two tokenizers to advance in step.
+        arithmetic = LogitArithmetic(setup.source, setup.target, setup.kernels, setup.shared)
+        result, seconds = evaluate(arithmetic, setup.target.tokenizer)
+        rows.append(
+            _task_row(
+                "logit-arithmetic",
+                task,
+                result,
+                base,
+                reference,
+                LOGIT_ARITHMETIC_DATA,
+                eval_seconds=round(seconds, 1),
+            )
+        )
     return {**_result_header(setup), "runs": rows}
 
 
@@ -788,10 +829,10 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "",
         "| direction, task | cartridge | general text only | elicited text"
         " | elicited, cross-entropy | elicited, KL + cross-entropy"
-        " | amplified, KL + cross-entropy | template"
+        " | amplified, KL + cross-entropy | nucleus, KL + cross-entropy | template"
         " | template, centred | task text (diagnostic) | label-bias control | logit arithmetic"
         " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}
@@ -1151,6 +1192,18 @@ def main(argv: list[str] | None = None) -> int:
         "text (default 3)",
     )
     parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus of the elicited-nucleus text's sampling (default 0.9)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature of the elicited-nucleus text (default 1)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -1179,6 +1232,10 @@ def main(argv: list[str] | None = None) -> int:
     plan.seed = args.seed
     if args.amplification is not None:
         plan.amplification = args.amplification
+    if args.top_p is not None:
+        plan.top_p = args.top_p
+    if args.temperature is not None:
+        plan.temperature = args.temperature
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)

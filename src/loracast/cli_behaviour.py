@@ -117,6 +117,19 @@ def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: floa
         help="for elicited text, source tokens of each corpus passage kept as the prompt",
     )
     parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="for elicited text, the sampling temperature (1 samples the adapted source itself)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="for elicited text, nucleus sampling: draw each token from the most likely tokens "
+        "whose probabilities add up to this share (1 keeps every token)",
+    )
+    parser.add_argument(
         "--amplification",
         type=float,
         default=1.0,
@@ -143,7 +156,11 @@ def _training_config(args, text: str):
         text=text,
         template=args.template,
         elicit=ElicitConfig(
-            prefix_tokens=args.prefix_tokens, seed=args.seed, amplification=args.amplification
+            prefix_tokens=args.prefix_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            amplification=args.amplification,
         ),
         max_positions=args.max_positions,
         steps=args.steps,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from loracast.align import truncate_text
 from loracast.eval.classification import pad_left, pad_token_id
@@ -36,6 +36,8 @@ class ElicitConfig:
         prefix_tokens: tokens of each general passage kept as the prompt.
         new_tokens: tokens sampled after each prefix.
         temperature: sampling temperature. At 1.0 it samples the adapted model's own distribution.
+        top_p: nucleus sampling: each token is drawn from the most likely tokens whose
+            probabilities, after the temperature, add up to ``top_p``. 1.0 keeps every token.
         batch_size: prompts generated together.
         seed: seed of the sampling.
         amplification: factor ``a`` on the adapter's change of the next-token logits. Tokens are
@@ -47,6 +49,7 @@ class ElicitConfig:
     prefix_tokens: int = 8
     new_tokens: int = 88
     temperature: float = 1.0
+    top_p: float = 1.0
     batch_size: int = 16
     seed: int = 0
     amplification: float = 1.0
@@ -59,6 +62,8 @@ class ElicitConfig:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
         if not self.temperature > 0:
             errors.append(f"temperature must be positive, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.amplification > 0:
             errors.append(f"amplification must be positive, got {self.amplification!r}")
         if errors:
@@ -189,9 +194,12 @@ def elicit_texts(
             ids, mask = ids.to(device), mask.to(device)
             processors = LogitsProcessorList()
             if amplify:
+                # The amplifier applies the temperature, so the nucleus is cut after it here.
                 processors.append(
                     AdapterAmplifier(model, adapter, mask, config.amplification, config.temperature)
                 )
+                if config.top_p < 1.0:
+                    processors.append(TopPLogitsWarper(config.top_p))
             with torch.no_grad():
                 output = model.generate(
                     input_ids=ids,
@@ -199,7 +207,7 @@ def elicit_texts(
                     do_sample=True,
                     temperature=1.0 if amplify else config.temperature,
                     top_k=0,
-                    top_p=1.0,
+                    top_p=1.0 if amplify else config.top_p,
                     max_new_tokens=config.new_tokens,
                     pad_token_id=pad_id,
                     logits_processor=processors,

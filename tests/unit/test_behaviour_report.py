@@ -352,6 +352,7 @@ def test_settings_map_to_objectives():
         "elicited-sequence": ("elicited", 0.0, 1.0),
         "elicited-mixed": ("elicited", 1.0, 1.0),
         "task-text": ("general", 1.0, 0.0),
+        "elicited-nucleus": ("elicited", 1.0, 1.0),
     }
     for setting, (text, kl_weight, sequence_weight) in expected.items():
         config = behaviour._refine_config(setting, plan)
@@ -361,6 +362,9 @@ def test_settings_map_to_objectives():
             sequence_weight,
         )
         assert config.max_positions == 500
+    assert behaviour._refine_config("elicited-mixed", plan).elicit.top_p == 1.0
+    nucleus = behaviour._refine_config("elicited-nucleus", plan).elicit
+    assert (nucleus.top_p, nucleus.temperature) == (plan.top_p, plan.temperature)
     centred = behaviour._refine_config("template-centred", plan)
     assert centred.text == "template"
     assert centred.centre_shift

@@ -197,6 +197,10 @@ def test_refine_on_elicited_text(model_folders, capsys):
         "0.5",
         "--amplification",
         "2",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
     )
     assert main(arguments) == 0
     assert "sampled-token cross-entropy" in capsys.readouterr().out
@@ -204,7 +208,8 @@ def test_refine_on_elicited_text(model_folders, capsys):
     assert config["refinement"]["text"] == "elicited"
     assert config["refinement"]["sequence_weight"] == 0.5
     assert config["refinement"]["report"]["config"]["elicit"]["prefix_tokens"] == 5
-    assert config["refinement"]["report"]["config"]["elicit"]["amplification"] == 2.0
+    elicit = config["refinement"]["report"]["config"]["elicit"]
+    assert (elicit["amplification"], elicit["temperature"], elicit["top_p"]) == (2.0, 0.8, 0.9)
 
     assert main([*arguments, "--overwrite", "--template", "Note: {text}\nLabel:"]) == 2
     assert "pass one of them" in capsys.readouterr().err

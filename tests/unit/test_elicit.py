@@ -227,3 +227,33 @@ def test_amplified_sampling_needs_switch(setup, tiny_source, tiny_corpus):  # no
     for text, passage in zip(pushed, tiny_corpus[:6], strict=True):
         prefix = truncate_text(tiny_source.tokenizer, passage, amplified.prefix_tokens)
         assert text.startswith(prefix.strip()[:4])
+
+
+def test_tiny_nucleus_samples_the_most_likely_token(setup, tiny_source, tiny_corpus):  # noqa: F811
+    _, adapter, _ = setup
+    with kernel_hooks(tiny_source.model, adapter.kernels) as switch:
+        for amplification in (1.0, 3.0):
+            texts = [
+                list(
+                    elicit_texts(
+                        tiny_source.model,
+                        tiny_source.tokenizer,
+                        tiny_corpus[:4],
+                        ElicitConfig(
+                            prefix_tokens=4,
+                            new_tokens=12,
+                            batch_size=2,
+                            top_p=1e-6,
+                            seed=seed,
+                            amplification=amplification,
+                        ),
+                        adapter=switch,
+                        show_progress=False,
+                    )
+                )
+                for seed in (0, 1)
+            ]
+            # Only the argmax survives the nucleus, so the seed no longer matters.
+            assert texts[0] == texts[1]
+    with pytest.raises(ValueError, match="top_p must be in \\(0, 1\\], got 1.5"):
+        ElicitConfig(top_p=1.5)
