@@ -43,6 +43,11 @@ them when missing) and adds, for the chosen task:
   ``top_p`` of the probability (``ElicitConfig.top_p``, ``--top-p``, default 0.9), at the
   plan's temperature (``--temperature``, default 1). A small model sampled from its whole
   distribution writes many unlikely tokens, and the text drifts away from any real domain;
+- ``*-elicited-span``: the same elicited text, trained on the tilted KL plus the span term
+  (``RefineConfig.span_weight``): for the text between two consecutive aligned positions, the
+  student's change of its log-likelihood against the target alone is matched, by squared
+  error, to the adapter's change of it in the source. Both sides score the same characters, so
+  the term does not depend on the shared vocabulary, unlike the KL;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -214,6 +219,7 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         centre_shift=setting == "template-centred",
         kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
         sequence_weight=1.0 if setting in SEQUENCE_SETTINGS else 0.0,
+        span_weight=1.0 if setting == "elicited-span" else 0.0,
         seed=plan.seed,
         elicit=ElicitConfig(
             seed=plan.seed,
@@ -252,7 +258,7 @@ def _students(setup, plan, out, settings_run, kinds):
         started = time.perf_counter()
         elicit = config.elicit
         key = (config.text, config.centre_shift, elicit.amplification, elicit.top_p)
-        key += (elicit.temperature,)
+        key += (elicit.temperature, config.span_weight > 0)
         key += (setting in TASK_TEXT_SETTINGS,)
         if key not in teachers:
             passages = setup.task_texts if setting in TASK_TEXT_SETTINGS else setup.passages
@@ -282,6 +288,7 @@ SETTINGS = (
     "elicited-mixed",
     "elicited-amplified",
     "elicited-nucleus",
+    "elicited-span",
     "template",
     "template-centred",
     "task-text",
@@ -312,6 +319,8 @@ DATA = {
     "elicited-nucleus": "as elicited-mixed, but each token is sampled from the nucleus of the "
     "adapted source's distribution (top_p and temperature in the plan), which keeps the text "
     "closer to what the source writes well",
+    "elicited-span": "as elicited; tilted KL plus the span term (the change of each span's "
+    "log-likelihood between aligned positions, matched to the source's)",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -450,7 +459,7 @@ def run(
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
             f"supports --settings general elicited elicited-sequence elicited-mixed "
-            f"elicited-amplified elicited-nucleus task-text"
+            f"elicited-amplified elicited-nucleus elicited-span task-text"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -821,7 +830,8 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "Gain recovered with its 95% interval. In each setting the student (refined heads or",
         "distilled LoRA) with the lower value of the setting's objective on held-out positions",
         "is shown, so no test score chose it. The behaviour cosine is measured on held-out",
-        "corpus positions. The template settings and the controls exist for sentiment only.",
+        "corpus positions. The template settings and the label-bias control exist for",
+        "sentiment only, and logit arithmetic for sentiment and Shakespeare.",
         "The task-text column is a diagnostic that reads the adapter's training text, so it is",
         "a ceiling for the text and not a no-task-data result.",
         "Where the student was trained with several seeds, the cell adds their mean ± spread;",
@@ -829,10 +839,11 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "",
         "| direction, task | cartridge | general text only | elicited text"
         " | elicited, cross-entropy | elicited, KL + cross-entropy"
-        " | amplified, KL + cross-entropy | nucleus, KL + cross-entropy | template"
+        " | amplified, KL + cross-entropy | nucleus, KL + cross-entropy | elicited, KL + span"
+        " | template"
         " | template, centred | task text (diagnostic) | label-bias control | logit arithmetic"
         " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}

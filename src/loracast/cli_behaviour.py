@@ -41,6 +41,8 @@ def _print_report(report, steps: int) -> None:
         if "sequence_ce" in report.best
         else ""
     )
+    if "span" in report.best:
+        sequence += f"span error {report.initial['span']:.4f} -> {report.best['span']:.4f}, "
     print(
         f"held-out KL {report.initial['kl']:.4f} -> {report.best['kl']:.4f}, {sequence}"
         "behaviour cosine "
@@ -144,6 +146,13 @@ def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: floa
         help="for elicited text, weight of the next-token cross-entropy on the tokens the adapter "
         f"sampled (sequence-level distillation; default {sequence_weight:g})",
     )
+    parser.add_argument(
+        "--span-weight",
+        type=float,
+        default=0.0,
+        help="weight of the span term: the student's change of the log-likelihood of the text "
+        "between two aligned positions matches the adapter's change of it in the source",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and training")
 
 
@@ -169,6 +178,7 @@ def _training_config(args, text: str):
         centre_shift=getattr(args, "centre_shift", False),
         kl_weight=args.kl_weight,
         sequence_weight=args.sequence_weight if text == "elicited" else 0.0,
+        span_weight=args.span_weight,
         lora_rank=getattr(args, "rank", 8),
         seed=args.seed,
     )

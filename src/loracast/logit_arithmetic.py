@@ -13,8 +13,6 @@ the target toward, so its score is also a measure of how good that teacher is.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
@@ -26,8 +24,6 @@ from loracast.capture import decoder_of
 from loracast.models import LoadedModel
 from loracast.refine import kernel_hooks
 from loracast.vocabulary import SharedVocabulary, restricted_logits
-
-logger = logging.getLogger(__name__)
 
 
 class LogitArithmetic(nn.Module):

@@ -103,6 +103,13 @@ class RefineConfig:
             next-token cross-entropy on the tokens the adapter wrote. Needs ``elicited`` text.
         sequence_tokens: tokens per text scored by that term, spread evenly over the sampled
             part; full-vocabulary logits are costly for large vocabularies.
+        span_weight: weight of the span term. A span is the text between two consecutive
+            aligned positions. The term is the squared difference between the student's change
+            of the span's log-likelihood (against the target alone) and the adapter's change
+            of it in the source. Both sides score the same characters, so it needs no shared
+            vocabulary. Needs ``general`` or ``elicited`` text.
+        span_tokens: target tokens per text scored by the span term, in whole spans spread
+            evenly over the text.
     """
 
     text: str = "general"
@@ -124,6 +131,8 @@ class RefineConfig:
     kl_weight: float = 1.0
     sequence_weight: float = 0.0
     sequence_tokens: int = 32
+    span_weight: float = 0.0
+    span_tokens: int = 32
 
     def __post_init__(self) -> None:
         errors = []
@@ -142,6 +151,7 @@ class RefineConfig:
             "batch_size",
             "eval_every",
             "sequence_tokens",
+            "span_tokens",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -154,13 +164,23 @@ class RefineConfig:
             errors.append(f"learning_rate must be positive, got {self.learning_rate!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             errors.append(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
-        if not (self.kl_weight >= 0 and self.sequence_weight >= 0):
+        weights = {
+            "kl_weight": self.kl_weight,
+            "sequence_weight": self.sequence_weight,
+            "span_weight": self.span_weight,
+        }
+        negative = {name: value for name, value in weights.items() if not value >= 0}
+        if negative:
+            errors.append(f"objective weights must be non-negative, got {negative}")
+        elif sum(weights.values()) == 0:
             errors.append(
-                f"kl_weight and sequence_weight must be non-negative, got {self.kl_weight!r} "
-                f"and {self.sequence_weight!r}"
+                "kl_weight, sequence_weight and span_weight are all 0; set one of them above 0"
             )
-        elif self.kl_weight + self.sequence_weight == 0:
-            errors.append("kl_weight and sequence_weight are both 0; set one of them above 0")
+        if self.span_weight > 0 and self.text == "template":
+            errors.append(
+                "span_weight > 0 needs text='general' or 'elicited' (spans of running text), "
+                "got text='template'"
+            )
         if self.sequence_weight > 0 and self.text != "elicited":
             errors.append(
                 f"sequence_weight > 0 needs text='elicited' (the tokens the adapter wrote), "
@@ -168,6 +188,25 @@ class RefineConfig:
             )
         if errors:
             raise ValueError("invalid RefineConfig: " + "; ".join(errors))
+
+
+@dataclass
+class SpanTargets:
+    """The span term's targets in one text.
+
+    Attributes:
+        positions: target positions whose next token lies in a scored span.
+        labels: those next tokens' target ids.
+        span_of: for each position, the index of its span among this text's scored spans.
+        base: the target's own log-probability of each label, without the student's change.
+        change: per span, the adapter's change of the span's log-likelihood in the source.
+    """
+
+    positions: list[int]
+    labels: list[int]
+    span_of: list[int]
+    base: list[float]
+    change: list[float]
 
 
 @dataclass
@@ -183,6 +222,7 @@ class TeacherSet:
         sequence_positions: per elicited text, the target positions whose next token the
             adapter wrote and which the sequence-level term scores (empty for other text).
         sequence_labels: per text, those next tokens' target ids.
+        spans: per text, the span term's targets (empty unless ``span_weight`` is above 0).
     """
 
     texts: list[str]
@@ -192,6 +232,7 @@ class TeacherSet:
     weights: torch.Tensor
     sequence_positions: list[list[int]] = field(default_factory=list)
     sequence_labels: list[list[int]] = field(default_factory=list)
+    spans: list[SpanTargets] = field(default_factory=list)
 
     def rows(self, index: int) -> slice:
         start = sum(len(item) for item in self.positions[:index])
@@ -375,6 +416,7 @@ def build_teacher(
     kept_texts, kept_positions, teacher, change, weights = [], [], [], [], []
     sequence_positions: list[list[int]] = []
     sequence_labels: list[list[int]] = []
+    spans: list[SpanTargets] = []
     total = 0
     for text, aligned in tqdm(
         list(zip(texts, pairs, strict=True)), desc="Teacher", disable=not show_progress
@@ -406,6 +448,8 @@ def build_teacher(
             positions, labels = _sampled_tokens(source, target, text, config)
             sequence_positions.append(positions)
             sequence_labels.append(labels)
+        if config.span_weight > 0:
+            spans.append(_span_targets(source, target, kernels, text, aligned, config))
         total += len(aligned)
     if not kept_texts:
         raise ValueError("no passage gave an aligned position; pass longer general-corpus passages")
@@ -423,6 +467,7 @@ def build_teacher(
         weights=torch.cat(weights),
         sequence_positions=sequence_positions,
         sequence_labels=sequence_labels,
+        spans=spans,
     )
 
 
@@ -444,6 +489,48 @@ def _sampled_tokens(source, target, text: str, config: RefineConfig) -> tuple[li
         step = len(candidates) / config.sequence_tokens
         candidates = [candidates[int(k * step)] for k in range(config.sequence_tokens)]
     return candidates, [encoded.input_ids[index + 1] for index in candidates]
+
+
+def _next_token_log_probs(model, ids: torch.Tensor, kernels=None) -> torch.Tensor:
+    """Return the log-probability of each next token of ``ids`` ``(1, n)``: ``(n - 1,)``."""
+    context = kernel_hooks(model, kernels) if kernels else _no_hooks()
+    with torch.no_grad(), context:
+        hidden = _final_hidden(model, ids)[0, :-1]
+        log_probs = _full_logits(model, hidden).log_softmax(-1)
+    return log_probs.gather(1, ids[0, 1:, None])[:, 0].cpu()
+
+
+def _span_targets(source, target, kernels, text: str, aligned, config) -> SpanTargets:
+    """Return the span term's targets: spans between consecutive aligned positions of ``text``.
+
+    Whole spans are taken evenly over the text until ``span_tokens`` target tokens are scored.
+    The source's change of a span is the sum, over its source tokens, of the adapter's change
+    of each token's log-probability.
+    """
+    source_ids = torch.tensor([source.tokenizer(text)["input_ids"]], device=source.device)
+    source_change = _next_token_log_probs(source.model, source_ids, kernels)
+    source_change -= _next_token_log_probs(source.model, source_ids)
+    bounds = list(zip(aligned, aligned[1:], strict=False))
+    target_tokens = sum(end[1] - start[1] for start, end in bounds)
+    stride = max(1, round(target_tokens / config.span_tokens))
+    positions, span_of, change = [], [], []
+    for start, end in bounds[::stride]:
+        if len(positions) + end[1] - start[1] > config.span_tokens:
+            break
+        positions += range(start[1], end[1])
+        span_of += [len(change)] * (end[1] - start[1])
+        change.append(float(source_change[start[0] : end[0]].sum()))
+    target_ids = target.tokenizer(text)["input_ids"]
+    labels = [target_ids[position + 1] for position in positions]
+    base: list[float] = []
+    if positions:
+        ids = torch.tensor([target_ids], device=target.device)
+        with torch.no_grad():
+            hidden = _final_hidden(target.model, ids)[0, positions]
+            log_probs = _full_logits(target.model, hidden).log_softmax(-1)
+        base = log_probs.gather(1, torch.tensor(labels, device=log_probs.device)[:, None])
+        base = base[:, 0].tolist()
+    return SpanTargets(positions, labels, span_of, base, change)
 
 
 def _full_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -475,7 +562,7 @@ def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, config,
 
     The terms are the weighted KL(q* ‖ student) over aligned positions (``kl``) and, when
     ``config.sequence_weight`` is above 0, the next-token cross-entropy on the sampled tokens
-    (``sequence_ce``).
+    (``sequence_ce``) and, when ``config.span_weight`` is above 0, the span term (``span``).
     """
     device = student.parameters[0].device
     ids, mask = _right_padded(student.tokenizer, [teacher.texts[i] for i in indices], device)
@@ -507,7 +594,35 @@ def _batch_loss(student: _Student, teacher: TeacherSet, indices, shared, config,
             logits = _full_logits(student.model, sampled)
             terms["sequence_ce"] = F.cross_entropy(logits, labels.to(device))
             loss = loss + config.sequence_weight * terms["sequence_ce"]
+    if config.span_weight > 0:
+        terms["span"] = _span_loss(student, teacher, indices, hidden)
+        loss = loss + config.span_weight * terms["span"]
     return loss, {name: float(value.detach()) for name, value in terms.items()}, log_probs
+
+
+def _span_loss(student: _Student, teacher: TeacherSet, indices, hidden) -> torch.Tensor:
+    """Return the mean squared difference of the student's and the source's span changes."""
+    device = hidden.device
+    spans = [teacher.spans[i] for i in indices]
+    rows = torch.cat(
+        [torch.full((len(item.positions),), k, dtype=torch.long) for k, item in enumerate(spans)]
+    )
+    columns = torch.tensor([p for item in spans for p in item.positions], dtype=torch.long)
+    if not len(columns):
+        return hidden.new_zeros(())
+    labels = torch.tensor([label for item in spans for label in item.labels], device=device)
+    log_probs = _full_logits(student.model, hidden[rows.to(device), columns.to(device)])
+    change = log_probs.log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    change = change - torch.tensor([b for item in spans for b in item.base], device=device)
+    offsets, span_of = 0, []
+    for item in spans:
+        span_of += [offsets + index for index in item.span_of]
+        offsets += len(item.change)
+    student_change = change.new_zeros(offsets).index_add(
+        0, torch.tensor(span_of, device=device), change
+    )
+    source_change = torch.tensor([c for item in spans for c in item.change], device=device)
+    return ((student_change - source_change) ** 2).mean()
 
 
 def _evaluate(student: _Student, teacher, indices, shared, reference, config) -> dict:

@@ -363,6 +363,13 @@ def test_settings_map_to_objectives():
         )
         assert config.max_positions == 500
     assert behaviour._refine_config("elicited-mixed", plan).elicit.top_p == 1.0
+    span = behaviour._refine_config("elicited-span", plan)
+    assert (span.text, span.kl_weight, span.sequence_weight, span.span_weight) == (
+        "elicited",
+        1.0,
+        0.0,
+        1.0,
+    )
     nucleus = behaviour._refine_config("elicited-nucleus", plan).elicit
     assert (nucleus.top_p, nucleus.temperature) == (plan.top_p, plan.temperature)
     centred = behaviour._refine_config("template-centred", plan)

@@ -201,12 +201,17 @@ def test_refine_on_elicited_text(model_folders, capsys):
         "0.8",
         "--top-p",
         "0.9",
+        "--span-weight",
+        "0.5",
     )
     assert main(arguments) == 0
-    assert "sampled-token cross-entropy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sampled-token cross-entropy" in printed
+    assert "span error" in printed
     config = json.loads((refined / "cartridge.json").read_text())
     assert config["refinement"]["text"] == "elicited"
     assert config["refinement"]["sequence_weight"] == 0.5
+    assert config["refinement"]["report"]["config"]["span_weight"] == 0.5
     assert config["refinement"]["report"]["config"]["elicit"]["prefix_tokens"] == 5
     elicit = config["refinement"]["report"]["config"]["elicit"]
     assert (elicit["amplification"], elicit["temperature"], elicit["top_p"]) == (2.0, 0.8, 0.9)

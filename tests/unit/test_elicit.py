@@ -170,7 +170,7 @@ def test_sequence_distillation_lowers_held_out_cross_entropy(
 def test_sequence_weight_needs_elicited_text():
     with pytest.raises(ValueError, match="sequence_weight > 0 needs text='elicited'"):
         RefineConfig(sequence_weight=1.0)
-    with pytest.raises(ValueError, match="both 0"):
+    with pytest.raises(ValueError, match="are all 0"):
         RefineConfig(text="elicited", kl_weight=0.0)
 
 
