@@ -48,6 +48,8 @@ them when missing) and adds, for the chosen task:
   student's change of its log-likelihood against the target alone is matched, by squared
   error, to the adapter's change of it in the source. Both sides score the same characters, so
   the term does not depend on the shared vocabulary, unlike the KL;
+- ``*-elicited-mixed-span``: the tilted KL, the sampled tokens' cross-entropy and the span
+  term, with equal weights;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -219,7 +221,7 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         centre_shift=setting == "template-centred",
         kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
         sequence_weight=1.0 if setting in SEQUENCE_SETTINGS else 0.0,
-        span_weight=1.0 if setting == "elicited-span" else 0.0,
+        span_weight=1.0 if setting in SPAN_SETTINGS else 0.0,
         seed=plan.seed,
         elicit=ElicitConfig(
             seed=plan.seed,
@@ -289,6 +291,7 @@ SETTINGS = (
     "elicited-amplified",
     "elicited-nucleus",
     "elicited-span",
+    "elicited-mixed-span",
     "template",
     "template-centred",
     "task-text",
@@ -299,7 +302,10 @@ SEQUENCE_SETTINGS = (
     "elicited-mixed",
     "elicited-amplified",
     "elicited-nucleus",
+    "elicited-mixed-span",
 )
+# Settings trained on the span term.
+SPAN_SETTINGS = ("elicited-span", "elicited-mixed-span")
 # Settings run when --settings is not given. The template settings need a prompt template with
 # a free-text field, which only the sentiment task has.
 TASK_SETTINGS = {
@@ -321,6 +327,8 @@ DATA = {
     "closer to what the source writes well",
     "elicited-span": "as elicited; tilted KL plus the span term (the change of each span's "
     "log-likelihood between aligned positions, matched to the source's)",
+    "elicited-mixed-span": "as elicited; tilted KL, the sampled tokens' cross-entropy and the "
+    "span term",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -459,7 +467,7 @@ def run(
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
             f"supports --settings general elicited elicited-sequence elicited-mixed "
-            f"elicited-amplified elicited-nucleus elicited-span task-text"
+            f"elicited-amplified elicited-nucleus elicited-span elicited-mixed-span task-text"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -840,10 +848,11 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "| direction, task | cartridge | general text only | elicited text"
         " | elicited, cross-entropy | elicited, KL + cross-entropy"
         " | amplified, KL + cross-entropy | nucleus, KL + cross-entropy | elicited, KL + span"
+        " | elicited, KL + cross-entropy + span"
         " | template"
         " | template, centred | task text (diagnostic) | label-bias control | logit arithmetic"
         " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         rows = {row["method"]: row for row in result["runs"]}

@@ -353,6 +353,7 @@ def test_settings_map_to_objectives():
         "elicited-mixed": ("elicited", 1.0, 1.0),
         "task-text": ("general", 1.0, 0.0),
         "elicited-nucleus": ("elicited", 1.0, 1.0),
+        "elicited-mixed-span": ("elicited", 1.0, 1.0),
     }
     for setting, (text, kl_weight, sequence_weight) in expected.items():
         config = behaviour._refine_config(setting, plan)
@@ -370,6 +371,8 @@ def test_settings_map_to_objectives():
         0.0,
         1.0,
     )
+    assert behaviour._refine_config("elicited-mixed-span", plan).span_weight == 1.0
+    assert behaviour._refine_config("elicited-mixed", plan).span_weight == 0.0
     nucleus = behaviour._refine_config("elicited-nucleus", plan).elicit
     assert (nucleus.top_p, nucleus.temperature) == (plan.top_p, plan.temperature)
     centred = behaviour._refine_config("template-centred", plan)
