@@ -61,8 +61,8 @@ them when missing) and adds, for the chosen task:
 - ``refined-heads-task-text`` and ``distilled-lora-task-text``: a diagnostic, not a method. The
   tilted KL on the adapter's own training text (each training pair's prompt and completion), so
   the student learns the adapter's change at the positions where it was trained. It uses task
-  data, so it is never a no-task-data result: it is a ceiling for the text, which shows how much
-  of what the strict settings miss is lost to the text and how much to the objective and the
+  data, so it is never a no-task-data result. It is a ceiling for the text: it shows how much of
+  what the strict settings miss is lost to the text, and how much to the objective and the
   student;
 - ``logit-arithmetic``: for sentiment, the target's choice log-likelihoods plus the source
   adapter's change of them (proxy-tuning at the sequence level); for Shakespeare, the target's

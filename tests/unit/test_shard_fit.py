@@ -84,8 +84,8 @@ def test_bridge_equals_in_memory_fit(tiny_source, tiny_target, tiny_corpus, reco
     bridge = fit_bridge_from_shards(
         tiny_source, tiny_target, recorded, SITES, config, show_progress=False
     )
-    # Moments and the in-memory fit sum the same float32 products in different orders; on
-    # some CPUs weights of order 1 then differ by up to about 3e-4.
+    # Moments and the in-memory fit sum the same float32 products in different orders. On
+    # some CPUs, weights of order 1 then differ by up to about 3e-4.
     _assert_close_bridges(expected, bridge, rtol=1e-3, atol=1e-3)
     assert bridge.stats["train_positions"] == expected.stats["train_positions"]
     assert bridge.stats["validation_positions"] == expected.stats["validation_positions"]
