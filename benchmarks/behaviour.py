@@ -949,7 +949,7 @@ def write_report(document: dict, out: Path) -> None:
             main_row = next((row for row in result["runs"] if row["method"] == method), None)
             # Rows written before students recorded their positions used their run's plan,
             # and results written before runs recorded their plan used the default plan.
-            positions = None if main_row is None else main_row.get("positions")
+            positions = None if main_row is None else student_positions(main_row)
             if positions is None and "run" not in (main_row or {}):
                 plan = result.get("run", {}).get("plan") or asdict(Plan())
                 positions = plan.get("general_positions")

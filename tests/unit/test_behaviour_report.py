@@ -194,6 +194,17 @@ def test_corpus_sizes_of_elicited_text_on_shakespeare(tmp_path):
     assert "| 4000 | 44 | 0.420 | 0.20 | [0.10, 0.30] |  |" in page
     assert "| 32000 (main table) |  | 0.460 | 0.60 |" in page
 
+    # A main row kept from an earlier run without recorded positions takes its command's.
+    del result["runs"][-1]["positions"]
+    result["runs"][-1]["run"] = {
+        "date": "d",
+        "commit": "c",
+        "command": "python x.py --general-positions 16000",
+    }
+    behaviour.write_report(_document([result]), tmp_path)
+    page = (tmp_path / "behaviour.md").read_text()
+    assert "| 16000 (main table) |  | 0.460 | 0.60 |" in page
+
 
 def test_corpus_sizes_need_main_result(tmp_path):
     behaviour = _load_behaviour()
