@@ -904,9 +904,9 @@ def write_report(document: dict, out: Path) -> None:
         "the elicited ones, and the logit-arithmetic column with the retrained LoRA. If the",
         "tilted KL on the adapter's own training text recovers no more than elicited text, the",
         "text is not the limit. If the teacher's distribution, applied at inference as logit",
-        "arithmetic, recovers little or makes the task worse, the teacher is: a change of",
-        "single-token probabilities read through the shared vocabulary is not the change that",
-        "the task needs in the target.",
+        "arithmetic, recovers little or makes the task worse, the teacher is the limit. A change",
+        "of single-token probabilities read through the shared vocabulary is then not the",
+        "change that the task needs in the target.",
         "",
         *_summary_lines(document["results"]),
     ]

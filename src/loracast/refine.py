@@ -506,6 +506,9 @@ def _span_targets(source, target, kernels, text: str, aligned, config) -> SpanTa
     Whole spans are taken evenly over the text until ``span_tokens`` target tokens are scored.
     The source's change of a span is the sum, over its source tokens, of the adapter's change
     of each token's log-probability.
+
+    NOTE: this runs the source twice and the target once more per text, on top of the passes
+    ``build_teacher`` already makes over the same text; sharing them would remove that cost.
     """
     source_ids = torch.tensor([source.tokenizer(text)["input_ids"]], device=source.device)
     source_change = _next_token_log_probs(source.model, source_ids, kernels)
