@@ -50,6 +50,14 @@ them when missing) and adds, for the chosen task:
   the term does not depend on the shared vocabulary, unlike the KL;
 - ``*-elicited-mixed-span``: the tilted KL, the sampled tokens' cross-entropy and the span
   term, with equal weights;
+- ``*-elicited-wide``: as ``*-elicited-mixed``, with a distilled LoRA of rank 32 (``--wide-rank``)
+  on every attention and MLP projection instead of rank 8 on the query and value projections. It
+  shows whether the student's size limits what it learns;
+- ``*-elicited-dense``: as ``*-elicited-mixed``, with the cross-entropy on every sampled token
+  instead of 32 evenly spread tokens per text (``RefineConfig.sequence_tokens``);
+- ``*-elicited-open``: as ``*-elicited-mixed``, but the prompt is the first token of each passage
+  and the adapter samples the other 95 tokens, so the text is the adapter's own and not a
+  continuation of a news article;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -146,6 +154,7 @@ class Plan:
     n_validation: int = 200
     seed: int = 0
     amplification: float = 3.0
+    wide_rank: int = 32
     top_p: float = 0.9
     temperature: float = 1.0
 
@@ -210,6 +219,17 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
 def _refine_config(setting: str, plan: Plan) -> RefineConfig:
     """Return the refinement settings of one text setting and objective."""
     text = "general" if setting in TASK_TEXT_SETTINGS else setting.split("-")[0]
+    # The open setting keeps one token of each passage and samples as many more tokens, so its
+    # texts are as long as the other settings'.
+    prefix = 1 if setting == "elicited-open" else ElicitConfig.prefix_tokens
+    elicit = ElicitConfig(
+        seed=plan.seed,
+        prefix_tokens=prefix,
+        new_tokens=ElicitConfig.new_tokens + ElicitConfig.prefix_tokens - prefix,
+        amplification=plan.amplification if setting == "elicited-amplified" else 1.0,
+        top_p=plan.top_p if setting == "elicited-nucleus" else 1.0,
+        temperature=plan.temperature if setting == "elicited-nucleus" else 1.0,
+    )
     return RefineConfig(
         text=text,
         template=PROMPT_TEMPLATE if text == "template" else None,
@@ -221,14 +241,12 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         centre_shift=setting == "template-centred",
         kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
         sequence_weight=1.0 if setting in SEQUENCE_SETTINGS else 0.0,
+        sequence_tokens=elicit.new_tokens if setting == "elicited-dense" else 32,
         span_weight=1.0 if setting in SPAN_SETTINGS else 0.0,
+        lora_rank=plan.wide_rank if setting == "elicited-wide" else 8,
+        lora_modules=WIDE_MODULES if setting == "elicited-wide" else ("q_proj", "v_proj"),
         seed=plan.seed,
-        elicit=ElicitConfig(
-            seed=plan.seed,
-            amplification=plan.amplification if setting == "elicited-amplified" else 1.0,
-            top_p=plan.top_p if setting == "elicited-nucleus" else 1.0,
-            temperature=plan.temperature if setting == "elicited-nucleus" else 1.0,
-        ),
+        elicit=elicit,
     )
 
 
@@ -260,7 +278,8 @@ def _students(setup, plan, out, settings_run, kinds):
         started = time.perf_counter()
         elicit = config.elicit
         key = (config.text, config.centre_shift, elicit.amplification, elicit.top_p)
-        key += (elicit.temperature, config.span_weight > 0)
+        key += (elicit.temperature, config.span_weight > 0, elicit.prefix_tokens)
+        key += (config.sequence_tokens,)
         key += (setting in TASK_TEXT_SETTINGS,)
         if key not in teachers:
             passages = setup.task_texts if setting in TASK_TEXT_SETTINGS else setup.passages
@@ -292,6 +311,9 @@ SETTINGS = (
     "elicited-nucleus",
     "elicited-span",
     "elicited-mixed-span",
+    "elicited-wide",
+    "elicited-dense",
+    "elicited-open",
     "template",
     "template-centred",
     "task-text",
@@ -303,9 +325,14 @@ SEQUENCE_SETTINGS = (
     "elicited-amplified",
     "elicited-nucleus",
     "elicited-mixed-span",
+    "elicited-wide",
+    "elicited-dense",
+    "elicited-open",
 )
 # Settings trained on the span term.
 SPAN_SETTINGS = ("elicited-span", "elicited-mixed-span")
+# Modules of the wide student: every attention and MLP projection.
+WIDE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Settings run when --settings is not given. The template settings need a prompt template with
 # a free-text field, which only the sentiment task has.
 TASK_SETTINGS = {
@@ -329,6 +356,12 @@ DATA = {
     "log-likelihood between aligned positions, matched to the source's)",
     "elicited-mixed-span": "as elicited; tilted KL, the sampled tokens' cross-entropy and the "
     "span term",
+    "elicited-wide": "as elicited-mixed; the student is a LoRA of higher rank on every attention "
+    "and MLP projection (wide_rank in the plan)",
+    "elicited-dense": "as elicited-mixed; the cross-entropy scores every sampled token, not 32 "
+    "per text",
+    "elicited-open": "as elicited-mixed, but the prompt is the first token of each passage only, "
+    "so the adapter writes nearly the whole text",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -464,10 +497,10 @@ def run(
     """Train the students of ``settings_run`` and compare them on the task's test split."""
     settings_run = settings_run or TASK_SETTINGS[task_name]
     if task_name != "sentiment" and any(item.startswith("template") for item in settings_run):
+        supported = " ".join(item for item in SETTINGS if not item.startswith("template"))
         raise SystemExit(
             f"the template settings need the sentiment prompt template; --task {task_name} "
-            f"supports --settings general elicited elicited-sequence elicited-mixed "
-            f"elicited-amplified elicited-nucleus elicited-span elicited-mixed-span task-text"
+            f"supports --settings {supported}"
         )
     setup = _setup(direction, task_name, settings, cache)
     students = _students(setup, plan, out, settings_run, kinds)
@@ -830,8 +863,50 @@ def _is_seed_zero(row: dict) -> bool:
     return parsed is not None and parsed[2] == 0
 
 
+# Row labels of the summary table, one per setting.
+SETTING_LABELS = {
+    "general": "general text only",
+    "elicited": "elicited text, tilted KL",
+    "elicited-sequence": "elicited, cross-entropy",
+    "elicited-mixed": "elicited, KL + cross-entropy",
+    "elicited-amplified": "amplified, KL + cross-entropy",
+    "elicited-nucleus": "nucleus, KL + cross-entropy",
+    "elicited-span": "elicited, KL + span",
+    "elicited-mixed-span": "elicited, KL + cross-entropy + span",
+    "elicited-wide": "elicited, KL + cross-entropy, wide student",
+    "elicited-dense": "elicited, KL + cross-entropy on every sampled token",
+    "elicited-open": "open prompt, KL + cross-entropy",
+    "template": "template",
+    "template-centred": "template, centred",
+    "task-text": "task text (diagnostic)",
+}
+
+
+def _setting_cell(result: dict, setting: str) -> str | None:
+    """Return the summary cell of one setting in one result, or None when it was not run."""
+    row = _chosen(result["runs"], setting)
+    if row is None:
+        return None
+    kind = row["method"].split("-")[0]
+    return f"{_gain_cell(row)} ({kind}{_positions_cell(row)}{_seeds_cell(result['runs'], row)})"
+
+
+def _cosine_cell(result: dict) -> str:
+    rows = {row["method"]: row for row in result["runs"]}
+    cartridge, general = rows.get(DEFAULT_BRIDGE), _chosen(result["runs"], "general")
+    if cartridge is None or general is None:
+        return "not run"
+    # Only a heads refinement measures the cartridge's cosine, at its step 0.
+    start = cartridge.get("behaviour_cosine")
+    start_cell = "not measured" if start is None else _fmt(start)
+    return f"{start_cell} → {_fmt(general.get('behaviour_cosine'))}"
+
+
 def _summary_lines(results: list[dict]) -> list[str]:
-    """Return a table of gain recovered per direction: cartridge, each setting, controls."""
+    """Return a table of gain recovered: a row per method, a column per direction and task.
+
+    Settings that no result ran get no row.
+    """
     lines = [
         "## Summary",
         "",
@@ -840,45 +915,34 @@ def _summary_lines(results: list[dict]) -> list[str]:
         "is shown, so no test score chose it. The behaviour cosine is measured on held-out",
         "corpus positions. The template settings and the label-bias control exist for",
         "sentiment only, and logit arithmetic for sentiment and Shakespeare.",
-        "The task-text column is a diagnostic that reads the adapter's training text, so it is",
+        "The task-text row is a diagnostic that reads the adapter's training text, so it is",
         "a ceiling for the text and not a no-task-data result.",
         "Where the student was trained with several seeds, the cell adds their mean ± spread;",
         "the interval is seed 0's.",
         "",
-        "| direction, task | cartridge | general text only | elicited text"
-        " | elicited, cross-entropy | elicited, KL + cross-entropy"
-        " | amplified, KL + cross-entropy | nucleus, KL + cross-entropy | elicited, KL + span"
-        " | elicited, KL + cross-entropy + span"
-        " | template"
-        " | template, centred | task text (diagnostic) | label-bias control | logit arithmetic"
-        " | behaviour cosine, cartridge → general |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | " + " | ".join(f"{r['direction']}, {r['task']}" for r in results) + " |",
+        "|---|" + "---|" * len(results),
     ]
-    for result in results:
-        rows = {row["method"]: row for row in result["runs"]}
-        cartridge = rows.get(DEFAULT_BRIDGE)
-        chosen = {setting: _chosen(result["runs"], setting) for setting in SETTINGS}
-        cells = [
-            f"{_gain_cell(chosen[setting])} ({chosen[setting]['method'].split('-')[0]}"
-            f"{_positions_cell(chosen[setting])}{_seeds_cell(result['runs'], chosen[setting])})"
-            if chosen[setting] is not None
-            else "not run"
-            for setting in SETTINGS
-        ]
-        cosine = "not run"
-        if cartridge is not None and chosen["general"] is not None:
-            # Only a heads refinement measures the cartridge's cosine, at its step 0.
-            start = cartridge.get("behaviour_cosine")
-            cosine = (
-                f"{'not measured' if start is None else _fmt(start)} → "
-                f"{_fmt(chosen['general'].get('behaviour_cosine'))}"
-            )
-        lines.append(
-            f"| {result['direction']}, {result['task']} | {_gain_cell(cartridge)} | "
-            + " | ".join(cells)
-            + f" | {_gain_cell(rows.get('control-label-bias'))} | "
-            f"{_gain_cell(rows.get('logit-arithmetic'))} | {cosine} |"
-        )
+
+    def table_row(label: str, cells: list[str | None]) -> str:
+        return f"| {label} | " + " | ".join(cell or "not run" for cell in cells) + " |"
+
+    by_method = [{row["method"]: row for row in result["runs"]} for result in results]
+    lines.append(
+        table_row("cartridge", [_gain_cell(rows.get(DEFAULT_BRIDGE)) for rows in by_method])
+    )
+    for setting in SETTINGS:
+        cells = [_setting_cell(result, setting) for result in results]
+        if any(cells):
+            lines.append(table_row(SETTING_LABELS[setting], cells))
+    for method, label in (
+        ("control-label-bias", "label-bias control"),
+        ("logit-arithmetic", "logit arithmetic"),
+    ):
+        lines.append(table_row(label, [_gain_cell(rows.get(method)) for rows in by_method]))
+    lines.append(
+        table_row("behaviour cosine, cartridge → general", [_cosine_cell(r) for r in results])
+    )
     lines.append("")
     return lines
 
@@ -1232,6 +1296,13 @@ def main(argv: list[str] | None = None) -> int:
         help="sampling temperature of the elicited-nucleus text (default 1)",
     )
     parser.add_argument(
+        "--wide-rank",
+        type=int,
+        default=None,
+        help="rank of the elicited-wide student, on every attention and MLP projection "
+        "(default 32)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -1264,6 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.top_p = args.top_p
     if args.temperature is not None:
         plan.temperature = args.temperature
+    if args.wide_rank is not None:
+        plan.wide_rank = args.wide_rank
     settings = Settings.quick() if args.quick else Settings()
     cache = cache_dir(args.cache_dir) / "bench"
     out = Path(args.out)

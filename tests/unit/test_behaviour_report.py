@@ -254,13 +254,22 @@ def test_summary_chooses_by_held_out_kl():
         _student_row("refined-heads-template", 0.1, 0.5),
     ]
 
-    table_row = behaviour._summary_lines([result])[-2]
+    lines = behaviour._summary_lines([result])
+    table = lines[lines.index("| method | a->b, sentiment |") :]
 
-    assert table_row.startswith(
-        "| a->b, sentiment | 0.30 [0.20, 0.40] | 0.20 [0.10, 0.30] (distilled)"
-    )
-    assert "| 0.10 [0.00, 0.20] (refined) | not run |" in table_row
-    assert table_row.endswith("| 0.100 → 0.500 |")
+    assert "| cartridge | 0.30 [0.20, 0.40] |" in table
+    assert "| general text only | 0.20 [0.10, 0.30] (distilled) |" in table
+    assert "| template | 0.10 [0.00, 0.20] (refined) |" in table
+    # Settings no result ran get no row; controls always have one.
+    assert not any(line.startswith("| elicited") for line in table)
+    assert "| label-bias control | not run |" in table
+    assert "| behaviour cosine, cartridge → general | 0.100 → 0.500 |" in table
+
+
+def test_every_setting_has_a_summary_label():
+    behaviour = _load_behaviour()
+    assert set(behaviour.SETTING_LABELS) == set(behaviour.SETTINGS)
+    assert set(behaviour.DATA) == set(behaviour.SETTINGS)
 
 
 def test_language_modelling_result_renders_beside_sentiment(tmp_path):
@@ -284,9 +293,9 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
     assert [result["task"] for result in results] == ["sentiment", "shakespeare"]
     assert "| method | data it sees | positions | bits per byte (lower is better) |" in page
     assert "| source-adapter |  |  | 1.700 |  |  |" in page
-    summary = next(line for line in page.splitlines() if line.startswith("| a->b, shakespeare"))
-    # The elicited column comes after the general one, which was not run here.
-    assert "| not run | 0.60 [0.50, 0.70] (distilled) | not run |" in summary
+    assert "| method | a->b, sentiment | a->b, shakespeare |" in page
+    # Only Shakespeare ran elicited text, so the sentiment cell of that row says so.
+    assert "| elicited text, tilted KL | not run | 0.60 [0.50, 0.70] (distilled) |" in page
 
 
 def test_template_settings_need_sentiment(tmp_path):
@@ -391,6 +400,31 @@ def test_settings_map_to_objectives():
     assert centred.centre_shift
 
 
+def test_student_and_text_variants_of_the_mixed_objective():
+    behaviour = _load_behaviour()
+    plan = behaviour.Plan(wide_rank=16)
+    mixed = behaviour._refine_config("elicited-mixed", plan)
+    wide = behaviour._refine_config("elicited-wide", plan)
+    dense = behaviour._refine_config("elicited-dense", plan)
+    open_prompt = behaviour._refine_config("elicited-open", plan)
+    for config in (wide, dense, open_prompt):
+        assert (config.text, config.kl_weight, config.sequence_weight) == ("elicited", 1.0, 1.0)
+    assert (mixed.lora_rank, mixed.lora_modules) == (8, ("q_proj", "v_proj"))
+    assert wide.lora_rank == 16
+    assert set(wide.lora_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} | {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    # The wide student differs from the mixed one only in the student, so its teacher is the same.
+    assert wide.elicit == mixed.elicit and wide.sequence_tokens == mixed.sequence_tokens
+    assert dense.sequence_tokens == dense.elicit.new_tokens > mixed.sequence_tokens
+    # The open prompt keeps one token and samples the rest: texts are as long as the others.
+    assert open_prompt.elicit.prefix_tokens == 1
+    total = open_prompt.elicit.prefix_tokens + open_prompt.elicit.new_tokens
+    assert total == mixed.elicit.prefix_tokens + mixed.elicit.new_tokens
+
+
 def test_task_text_teacher_reads_training_pairs(monkeypatch):
     behaviour = _load_behaviour()
     from loracast.eval.arithmetic import arithmetic_splits
@@ -427,9 +461,7 @@ def test_task_text_teacher_reads_training_pairs(monkeypatch):
         task_texts=texts,
     )
     plan = behaviour.Plan.quick()
-    students = behaviour._students(
-        setup, plan, Path("."), ("general", "task-text"), ("lora",)
-    )
+    students = behaviour._students(setup, plan, Path("."), ("general", "task-text"), ("lora",))
 
     assert set(students) == {"distilled-lora-general", "distilled-lora-task-text"}
     assert read == {("general", 2): setup.passages, ("general", 3): texts}
