@@ -219,8 +219,8 @@ def _row(method, scores, labels, base, retrained, data, **extra) -> dict:
 def _refine_config(setting: str, plan: Plan) -> RefineConfig:
     """Return the refinement settings of one text setting and objective."""
     text = "general" if setting in TASK_TEXT_SETTINGS else setting.split("-")[0]
-    # The open setting keeps one token of each passage and samples as many more tokens, so its
-    # texts are as long as the other settings'.
+    # The open setting keeps one token of each passage and samples the tokens it drops instead,
+    # so its texts are as long as the other settings'.
     prefix = 1 if setting == "elicited-open" else ElicitConfig.prefix_tokens
     elicit = ElicitConfig(
         seed=plan.seed,

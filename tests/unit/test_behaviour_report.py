@@ -294,7 +294,7 @@ def test_language_modelling_result_renders_beside_sentiment(tmp_path):
     assert "| method | data it sees | positions | bits per byte (lower is better) |" in page
     assert "| source-adapter |  |  | 1.700 |  |  |" in page
     assert "| method | a->b, sentiment | a->b, shakespeare |" in page
-    # Only Shakespeare ran elicited text, so the sentiment cell of that row says so.
+    # Only Shakespeare ran elicited text, so the sentiment cell of that row reads not run.
     assert "| elicited text, tilted KL | not run | 0.60 [0.50, 0.70] (distilled) |" in page
 
 
@@ -400,7 +400,7 @@ def test_settings_map_to_objectives():
     assert centred.centre_shift
 
 
-def test_student_and_text_variants_of_the_mixed_objective():
+def test_mixed_objective_variants():
     behaviour = _load_behaviour()
     plan = behaviour.Plan(wide_rank=16)
     mixed = behaviour._refine_config("elicited-mixed", plan)
@@ -417,7 +417,8 @@ def test_student_and_text_variants_of_the_mixed_objective():
         "down_proj",
     }
     # The wide student differs from the mixed one only in the student, so its teacher is the same.
-    assert wide.elicit == mixed.elicit and wide.sequence_tokens == mixed.sequence_tokens
+    assert wide.elicit == mixed.elicit
+    assert wide.sequence_tokens == mixed.sequence_tokens
     assert dense.sequence_tokens == dense.elicit.new_tokens > mixed.sequence_tokens
     # The open prompt keeps one token and samples the rest: texts are as long as the others.
     assert open_prompt.elicit.prefix_tokens == 1
