@@ -110,6 +110,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from label_bias_control import best_constant_bias  # noqa: E402
 from report import _atomic_write, run_header  # noqa: E402
 from run import (  # noqa: E402
+    CKA_BRIDGE,
     MODELS,
     ROOT,
     Settings,
@@ -137,7 +138,14 @@ logger = logging.getLogger("behaviour")
 
 DEFAULT_BRIDGE = "cartridge-mlp-seed0"
 # Rows every comparison starts with; students follow them.
-BASE_ROWS = ("target-base", "target-retrained", "source-base", "source-adapter", DEFAULT_BRIDGE)
+BASE_ROWS = (
+    "target-base",
+    "target-retrained",
+    "source-base",
+    "source-adapter",
+    DEFAULT_BRIDGE,
+    CKA_BRIDGE,
+)
 HELD_OUT_PASSAGES = 24
 
 
@@ -396,11 +404,13 @@ def _evaluate_all(setup, students, evaluate):
             source, setup.source_adapter, lambda model: evaluate(model, source.tokenizer)
         ),
         DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, task),
+        CKA_BRIDGE: _with_cartridge(target, setup.cka_cartridge, task),
     }
     bpb = {
         "target-base": general(target.model),
         "target-retrained": _with_adapter(target, setup.retrained, general),
         DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, general),
+        CKA_BRIDGE: _with_cartridge(target, setup.cka_cartridge, general),
     }
     for method, (kind, artifact, _) in students.items():
         wrap = _with_cartridge if kind == "cartridge" else _with_adapter
@@ -440,6 +450,7 @@ class Setup:
     retrained: Path
     kernels: dict
     cartridge: Cartridge
+    cka_cartridge: Cartridge
     shared: object
     task_texts: list[str]
 
@@ -474,6 +485,7 @@ def _setup(direction: str, task_name: str, settings: Settings, cache: Path) -> S
         retrained=retrained,
         kernels=kernels,
         cartridge=build_cartridge(bridges[DEFAULT_BRIDGE], load_adapter(source_adapter)),
+        cka_cartridge=build_cartridge(bridges[CKA_BRIDGE], load_adapter(source_adapter)),
         shared=shared_vocabulary(source.tokenizer, target.tokenizer),
         task_texts=task_texts(task, train),
     )
@@ -928,9 +940,8 @@ def _summary_lines(results: list[dict]) -> list[str]:
         return f"| {label} | " + " | ".join(cell or "not run" for cell in cells) + " |"
 
     by_method = [{row["method"]: row for row in result["runs"]} for result in results]
-    lines.append(
-        table_row("cartridge", [_gain_cell(rows.get(DEFAULT_BRIDGE)) for rows in by_method])
-    )
+    for method, label in ((DEFAULT_BRIDGE, "cartridge"), (CKA_BRIDGE, "cartridge, CKA layer map")):
+        lines.append(table_row(label, [_gain_cell(rows.get(method)) for rows in by_method]))
     for setting in SETTINGS:
         cells = [_setting_cell(result, setting) for result in results]
         if any(cells):

@@ -6,7 +6,9 @@ Usage:
 
 Rows per (direction, task): source-base, source-adapter, target-base, target-retrained (a LoRA
 retrained on the target with the same recipe and data), cartridge-mlp (one per bridge seed),
-cartridge-linear (a purely linear bridge, model-stitching style), baked (the first MLP
+cartridge-linear (a purely linear bridge, model-stitching style), cartridge-mlp-cka (the first
+MLP bridge's settings with layers matched by linear CKA of the residual streams on the corpus
+instead of relative depth), baked (the first MLP
 cartridge distilled into a plain PEFT LoRA by ``loracast.bake``), weight-projection (data-free,
 Cross-LoRA style) and copy (only where shapes allow). One bridge is fitted per direction and
 seed, on general text only, and carries every task's adapter without refitting.
@@ -64,6 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 # The bridge whose cartridge is baked into the ``baked`` row: the default transfer's heads.
 BAKED_FROM = "cartridge-mlp-seed0"
+# The MLP bridge whose layers are matched by linear CKA instead of relative depth.
+CKA_BRIDGE = "cartridge-mlp-cka"
 
 
 @dataclass
@@ -248,12 +252,22 @@ class _null:
 
 
 def _fit_bridges(source, target, corpus, sites, settings, cache) -> tuple[dict, dict]:
-    """Fit (or reuse) the MLP bridge per seed and one linear bridge; returns bridges and costs."""
-    variants = [(f"cartridge-mlp-seed{seed}", seed, settings.mlp_hidden) for seed in settings.seeds]
-    variants.append(("cartridge-linear", settings.seeds[0], 0))
-    bridges, costs, recording = {}, {}, None
-    for name, seed, mlp_hidden in variants:
+    """Fit (or reuse) the bridge variants; returns bridges and costs.
+
+    The variants are an MLP bridge per seed, one linear bridge and one MLP bridge whose layers
+    are matched by linear CKA instead of relative depth (``loracast.layer_map``).
+    """
+    first = settings.seeds[0]
+    variants = [
+        (f"cartridge-mlp-seed{seed}", seed, settings.mlp_hidden, "relative-depth")
+        for seed in settings.seeds
+    ]
+    variants.append(("cartridge-linear", first, 0, "relative-depth"))
+    variants.append((CKA_BRIDGE, first, settings.mlp_hidden, "cka"))
+    bridges, costs, recordings = {}, {}, {}
+    for name, seed, mlp_hidden, layer_map in variants:
         config = BridgeConfig(
+            layer_map=layer_map,
             max_positions=settings.max_positions,
             seed=seed,
             head=HeadFitConfig(mlp_hidden=mlp_hidden, mlp_steps=settings.mlp_steps, seed=seed),
@@ -275,12 +289,13 @@ def _fit_bridges(source, target, corpus, sites, settings, cache) -> tuple[dict, 
         if (folder / "bridge.json").exists():
             bridges[name] = Bridge.load(folder)
         else:
-            if recording is None:
-                recording = record_corpus(
+            # Bridges with the same layer map share the anchors, so one recording serves them.
+            if layer_map not in recordings:
+                recordings[layer_map] = record_corpus(
                     source, target, corpus, sites, config, show_progress=False
                 )
             bridge = fit_bridge_from_recording(
-                source, target, recording, sites, config, show_progress=False
+                source, target, recordings[layer_map], sites, config, show_progress=False
             )
             bridge.save(folder, overwrite=True)
             bridges[name] = bridge

@@ -32,13 +32,13 @@ from loracast.architectures import (
 from loracast.capture import Recording, record_pair
 from loracast.fit import HeadFitConfig, fit_head
 from loracast.heads import Head
+from loracast.layer_map import CKA_POSITIONS, LAYER_MAPS, cka_layer_map
 from loracast.serialization import FORMAT_VERSION, provenance, read_folder, write_folder
 
 logger = logging.getLogger(__name__)
 
 BRIDGE_CONFIG = "bridge.json"
 BRIDGE_WEIGHTS = "bridge.safetensors"
-LAYER_MAPS = ("relative-depth",)
 
 
 @dataclass
@@ -46,7 +46,9 @@ class BridgeConfig:
     """Settings for recording the corpus and fitting a bridge.
 
     Attributes:
-        layer_map: how source layers map to target layers (``relative-depth``).
+        layer_map: how source layers map to target layers: ``relative-depth`` (equal relative
+            depth) or ``cka`` (by the similarity of the residual streams on the corpus, see
+            ``loracast.layer_map``, which compares ``CKA_POSITIONS`` aligned positions).
         max_tokens: source tokens read per corpus passage.
         batch_size: passages per forward pass while recording.
         max_positions: aligned positions recorded at most (None: no limit).
@@ -269,9 +271,38 @@ def _split_by_text(recording: Recording, fraction: float, seed: int):
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
-def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Site, Site]]:
-    """Split fused sites per role, match each to its anchor, and warn about role changes."""
-    layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
+def choose_layer_map(
+    source, target, corpus: Sequence[str], config: BridgeConfig, *, show_progress: bool = True
+) -> list[int]:
+    """Return the layer map of ``config.layer_map``: a target layer per source layer."""
+    if config.layer_map == "cka":
+        layer_map, _ = cka_layer_map(
+            source,
+            target,
+            corpus,
+            max_tokens=config.max_tokens,
+            batch_size=config.batch_size,
+            max_positions=CKA_POSITIONS,
+            show_progress=show_progress,
+        )
+        return layer_map
+    return relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
+
+
+def _anchors(
+    source, target, sites: Sequence[Site], layer_map: list[int] | None = None
+) -> tuple[list[int], dict[Site, Site]]:
+    """Split fused sites per role, match each to its anchor, and warn about role changes.
+
+    Without ``layer_map`` the layers are matched by relative depth.
+    """
+    if layer_map is None:
+        layer_map = relative_depth_layer_map(num_layers(source.model), num_layers(target.model))
+    if len(layer_map) != num_layers(source.model):
+        raise ValueError(
+            f"the layer map has {len(layer_map)} entries but the source has "
+            f"{num_layers(source.model)} layers; record the corpus again with these models"
+        )
     anchors = {
         site: anchor_for(source.model, target.model, site, layer_map)
         for site in expand_sites(source.model, sites)
@@ -288,15 +319,18 @@ def _anchors(source, target, sites: Sequence[Site]) -> tuple[list[int], dict[Sit
     return layer_map, anchors
 
 
-def recorded_modules(source, target, sites: Sequence[Site]) -> tuple[list[str], list[str]]:
+def recorded_modules(
+    source, target, sites: Sequence[Site], layer_map: list[int] | None = None
+) -> tuple[list[str], list[str]]:
     """Return the sorted module names to record: the sites in the source, anchors in the target.
 
-    The parts of a fused projection share one module, which is recorded once.
+    The parts of a fused projection share one module, which is recorded once. Without
+    ``layer_map`` the layers are matched by relative depth.
 
     Raises:
         ValueError: a site's module has no matching role in the target.
     """
-    _, anchors = _anchors(source, target, sites)
+    _, anchors = _anchors(source, target, sites, layer_map)
     site_modules = sorted({site.module_name for site in anchors})
     anchor_modules = sorted({anchor.module_name for anchor in anchors.values()})
     return site_modules, anchor_modules
@@ -320,8 +354,9 @@ def record_corpus(
             aligned position.
     """
     config = config or BridgeConfig()
-    site_names, anchor_names = recorded_modules(source, target, sites)
     started = time.perf_counter()
+    layer_map = choose_layer_map(source, target, corpus, config, show_progress=show_progress)
+    site_names, anchor_names = recorded_modules(source, target, sites, layer_map)
     recording = record_pair(
         source,
         target,
@@ -335,6 +370,7 @@ def record_corpus(
         show_progress=show_progress,
     )
     recording.stats["record_seconds"] = round(time.perf_counter() - started, 2)
+    recording.layer_map = layer_map
     return recording
 
 
@@ -369,7 +405,12 @@ def fit_bridge_from_recording(
             few passages.
     """
     config = config or BridgeConfig()
-    layer_map, anchors = _anchors(source, target, sites)
+    if recording.layer_map is None and config.layer_map != "relative-depth":
+        raise ValueError(
+            f"the recording has no layer map, so it cannot be fitted with layer_map="
+            f"{config.layer_map!r}; record it with record_corpus and the same config"
+        )
+    layer_map, anchors = _anchors(source, target, sites, recording.layer_map)
     for site, anchor in anchors.items():
         if site.module_name not in recording.source or anchor.module_name not in recording.target:
             raise ValueError(

@@ -107,6 +107,9 @@ class Recording:
     target: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     text_ids: torch.Tensor | None = None  # (n_positions,) index of the passage of each row
+    # The target layer per source layer that chose the anchors, when the recording was made for
+    # a bridge.
+    layer_map: list[int] | None = None
 
     @property
     def num_positions(self) -> int:

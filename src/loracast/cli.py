@@ -35,6 +35,7 @@ def _transfer(args) -> int:
         max_tokens=args.max_tokens,
         max_positions=max_positions,
         corpus_tokens=budget,
+        layer_map=args.layer_map,
         head=HeadFitConfig(
             mlp_hidden=0 if args.head == "linear" else args.mlp_hidden, mlp_steps=args.mlp_steps
         ),
@@ -296,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mlp", "linear"],
         default="mlp",
         help="head type: ridge + residual MLP (default) or ridge only",
+    )
+    run.add_argument(
+        "--layer-map",
+        choices=["relative-depth", "cka"],
+        default="relative-depth",
+        help="match layers by equal relative depth (default) or by the linear CKA of the "
+        "residual streams on the corpus; cka records in memory only (no --record-dir)",
     )
     run.add_argument("--mlp-hidden", type=int, default=128, help="hidden width of the MLP heads")
     run.add_argument(

@@ -42,6 +42,7 @@ from loracast.fit import train_residual_mlp
 from loracast.heads import Head
 from loracast.moments import Moments, ridge_head
 from loracast.shards import ShardReader, tensor_key, write_json_atomic, write_safetensors_atomic
+from loracast.streaming import check_sharded_layer_map
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ def fit_bridge_from_shards(
     config = config or BridgeConfig()
     context = context or ProcessContext()
     sites = list(sites)
+    check_sharded_layer_map(config)
     reader = ShardReader(folder)
     layer_map, anchors = _anchors(source, target, sites)
     # Computed once: hashing a large vocabulary takes about a second.

@@ -113,6 +113,20 @@ def corpus_identity(corpus: CorpusStream | Sequence[str]) -> dict:
     )
 
 
+def check_sharded_layer_map(config: BridgeConfig) -> None:
+    """Raise ValueError unless ``config`` matches layers by relative depth.
+
+    The ``cka`` layer map needs the corpus in memory before recording, and a sharded recording
+    reads a stream once.
+    """
+    if config.layer_map != "relative-depth":
+        raise ValueError(
+            f"layer_map={config.layer_map!r} is not supported with a record folder (shards); "
+            "record in memory (no record folder, no --record-dir) or use layer_map="
+            "'relative-depth'"
+        )
+
+
 def recording_identity(source, target, corpus, sites, config, shard_config) -> dict:
     """Return everything that fixes the recorded rows, as stored in the manifest."""
     site_modules, anchor_modules = recorded_modules(source, target, sites)
@@ -402,6 +416,7 @@ def record_shards(
     context = context or ProcessContext()
     sites = list(sites)
     folder = Path(folder).expanduser()
+    check_sharded_layer_map(config)
     identity = recording_identity(source, target, corpus, sites, config, shard_config)
     manifest = _open_manifest(folder, identity, context)
     if manifest.complete:

@@ -57,6 +57,7 @@ def test_quick_benchmark_writes_report(tmp_path):
         "target-retrained",
         "cartridge-mlp",
         "cartridge-linear",
+        "cartridge-mlp-cka",
         "baked",
         "weight-projection",
     ):

@@ -458,6 +458,7 @@ def test_task_text_teacher_reads_training_pairs(monkeypatch):
         retrained=Path("."),
         kernels={},
         cartridge=None,
+        cka_cartridge=None,
         shared=None,
         task_texts=texts,
     )

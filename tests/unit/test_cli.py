@@ -63,6 +63,26 @@ def test_transfer_then_generate(model_folders, capsys):
     assert "[target + cartridge, scale 1.0]" in printed
 
 
+def test_transfer_with_cka_layer_map(model_folders, capsys):
+    out = model_folders / "cartridge"
+    assert main(_transfer_args(model_folders, out) + ["--layer-map", "cka"]) == 0
+    config = json.loads((out / "cartridge.json").read_text())
+    layer_map = config["layer_map"]
+    # Four source layers onto three target layers, never going back in depth.
+    assert len(layer_map) == 4
+    assert layer_map == sorted(layer_map)
+    assert set(layer_map) <= {0, 1, 2}
+    for record in config["sites"]:
+        site_layer = int(record["site"].split(".")[2])
+        assert record["anchor"].startswith(f"model.layers.{layer_map[site_layer]}.")
+    capsys.readouterr()
+
+    recorded = _transfer_args(model_folders, model_folders / "sharded")
+    recorded += ["--layer-map", "cka", "--record-dir", str(model_folders / "shards")]
+    assert main(recorded) == 2
+    assert "record in memory" in capsys.readouterr().err
+
+
 def test_transfer_refuses_existing_output(model_folders, capsys):
     out = model_folders / "cartridge"
     out.mkdir()
