@@ -2,8 +2,9 @@
 
 ``relative-depth`` matches equal relative depth, ``m = round(l · (L_t − 1) / (L_s − 1))``, and needs
 no data. ``cka`` reads a general corpus with both models and compares the residual streams
-entering each pair of layers by linear CKA at aligned positions. Each source layer then gets the
-target layer that maximises the summed similarity, and the map never goes back in depth.
+entering each pair of layers by linear CKA at aligned positions, after standardising them.
+Each source layer then gets the target layer that maximises the summed similarity, and the map
+never goes back in depth.
 """
 
 from __future__ import annotations
@@ -67,6 +68,22 @@ def cka_matrix(source: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -
                 cross = (x.T @ y).pow(2).sum()
                 similarity[i, j] = cross / (x_norm * y_norm)
     return similarity
+
+
+def standardise_streams(states: torch.Tensor) -> torch.Tensor:
+    """Return residual-stream rows divided by their RMS, then each feature standardised.
+
+    A few dimensions of a residual stream can be orders of magnitude larger than the rest, and
+    on raw activations they decide linear CKA alone, so the map collapses onto a few layers.
+    Dividing each row by its RMS is what the layer's own pre-norm does, and standardising each
+    feature gives every dimension the same weight. A feature without spread after the division
+    is 0.
+    """
+    states = states.double()
+    rows = states / states.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+    centred = rows - rows.mean(0)
+    spread = centred.std(0)
+    return torch.where(spread > 0, centred / spread.clamp_min(1e-12), torch.zeros_like(centred))
 
 
 def monotone_layer_map(similarity: torch.Tensor) -> list[int]:
@@ -146,6 +163,8 @@ def cka_layer_map(
 ) -> tuple[list[int], torch.Tensor]:
     """Match layers by the linear CKA of the residual streams entering them.
 
+    Each stream is standardised first (``standardise_streams``).
+
     Args:
         source, target: ``LoadedModel`` objects.
         texts: general-corpus passages; the first ones that give ``max_positions`` aligned
@@ -169,7 +188,10 @@ def cka_layer_map(
         max_positions=max_positions,
         show_progress=show_progress,
     )
-    similarity = cka_matrix(source_states, target_states)
+    similarity = cka_matrix(
+        [standardise_streams(states) for states in source_states],
+        [standardise_streams(states) for states in target_states],
+    )
     layer_map = monotone_layer_map(similarity)
     depth = relative_depth_layer_map(len(source_states), len(target_states))
     moved = sum(chosen != default for chosen, default in zip(layer_map, depth, strict=True))

@@ -11,7 +11,13 @@ from loracast.adapters import load_adapter
 from loracast.architectures import num_layers
 from loracast.bridge import BridgeConfig, fit_bridge, fit_bridge_from_recording, record_corpus
 from loracast.fit import HeadFitConfig
-from loracast.layer_map import cka_layer_map, cka_matrix, linear_cka, monotone_layer_map
+from loracast.layer_map import (
+    cka_layer_map,
+    cka_matrix,
+    linear_cka,
+    monotone_layer_map,
+    standardise_streams,
+)
 from loracast.models import LoadedModel
 from loracast.streaming import record_shards
 from tests.conftest import build_tiny_llama
@@ -38,6 +44,25 @@ def test_cka_of_unrelated_features_is_small():
 def test_cka_of_constant_features_is_zero():
     x = torch.randn(50, 3)
     assert linear_cka(x, torch.ones(50, 2)) == 0.0
+
+
+def test_standardised_streams_ignore_one_huge_dimension():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6)
+    y = x @ torch.randn(6, 6) + 0.5 * torch.randn(500, 6)
+    # A dimension a thousand times larger than the rest, unrelated to the other stream.
+    loud = torch.cat([x, 1000.0 * (1.0 + 0.01 * torch.randn(500, 1))], dim=1)
+    raw = linear_cka(loud, y)
+    standardised = linear_cka(standardise_streams(loud), standardise_streams(y))
+    assert raw < 0.1
+    assert standardised > 0.5
+    features = standardise_streams(loud)
+    assert torch.allclose(features.std(0), torch.ones(7, dtype=torch.float64))
+
+
+def test_standardised_zero_feature_stays_zero():
+    states = torch.cat([torch.randn(20, 3), torch.zeros(20, 1)], dim=1)
+    assert torch.equal(standardise_streams(states)[:, 3], torch.zeros(20, dtype=torch.float64))
 
 
 def test_cka_rejects_mismatched_rows():
