@@ -72,6 +72,10 @@ them when missing) and adds, for the chosen task:
   data, so it is never a no-task-data result. It is a ceiling for the text: it shows how much of
   what the strict settings miss is lost to the text, and how much to the objective and the
   student;
+- ``cartridge-mlp-cka``: the unrefined cartridge of an MLP bridge fitted like the default one,
+  but with each source layer matched to a target layer by the linear CKA of the residual streams
+  on the corpus (``loracast.layer_map``) instead of equal relative depth. An ablation of the
+  layer map;
 - ``logit-arithmetic``: for sentiment, the target's choice log-likelihoods plus the source
   adapter's change of them (proxy-tuning at the sequence level); for Shakespeare, the target's
   next-token logits plus the source adapter's change over the shared vocabulary at aligned
@@ -378,6 +382,10 @@ DATA = {
     "strict settings",
 }
 LOGIT_ARITHMETIC_DATA = "source and source + adapter at inference, no training"
+CKA_DATA = (
+    "general corpus text only; the default MLP bridge with layers matched by linear CKA of the "
+    "standardised residual streams instead of relative depth"
+)
 # Settings whose teacher reads the adapter's training text instead of the general corpus.
 TASK_TEXT_SETTINGS = ("task-text",)
 
@@ -433,7 +441,9 @@ def _extra(method, seconds, bpb, students) -> dict:
 
 def _data(method, students) -> str:
     """Return what a row's method saw: a student's setting, else the main benchmark's note."""
-    return DATA[parse_student(method)[1]] if method in students else "see the main benchmark"
+    if method in students:
+        return DATA[parse_student(method)[1]]
+    return CKA_DATA if method == CKA_BRIDGE else "see the main benchmark"
 
 
 @dataclass
