@@ -56,9 +56,13 @@ def cka_matrix(source: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -
     """
     rows = {states.shape[0] for states in (*source, *target)}
     if len(rows) != 1:
-        raise ValueError(f"every feature set needs the same rows, got row counts {sorted(rows)}")
-    if rows.pop() < 2:
-        raise ValueError("linear CKA needs at least 2 rows")
+        raise ValueError(
+            f"every feature set needs the same rows, got row counts {sorted(rows)}; pass "
+            "features recorded at the same positions"
+        )
+    count = rows.pop()
+    if count < 2:
+        raise ValueError(f"linear CKA needs at least 2 rows, got {count}; record more positions")
     targets = [_centred_features(states) for states in target]
     similarity = torch.zeros(len(source), len(target), dtype=torch.float64)
     for i, states in enumerate(source):
@@ -114,43 +118,6 @@ def monotone_layer_map(similarity: torch.Tensor) -> list[int]:
     return layer_map
 
 
-def layer_inputs(
-    source,
-    target,
-    texts: Sequence[str],
-    *,
-    max_tokens: int = 128,
-    batch_size: int = 8,
-    max_positions: int = CKA_POSITIONS,
-    show_progress: bool = True,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Return the residual stream entering every decoder layer of both models, at aligned positions.
-
-    Returns:
-        ``(source_states, target_states)``: one ``(n_positions, hidden)`` tensor per layer, the
-        rows of both lists at the same aligned positions.
-    """
-    names = [
-        [f"{layers_path(loaded.model)}.{layer}" for layer in range(num_layers(loaded.model))]
-        for loaded in (source, target)
-    ]
-    recording = record_pair(
-        source,
-        target,
-        texts,
-        names[0],
-        names[1],
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        max_positions=max_positions,
-        show_progress=show_progress,
-    )
-    return (
-        [recording.source[name]["input"] for name in names[0]],
-        [recording.target[name]["input"] for name in names[1]],
-    )
-
-
 def cka_layer_map(
     source,
     target,
@@ -179,15 +146,24 @@ def cka_layer_map(
         ``(L_s, L_t)`` similarity matrix it was chosen from.
     """
     started = time.perf_counter()
-    source_states, target_states = layer_inputs(
+    # A decoder layer's input is the residual stream entering it.
+    names = [
+        [f"{layers_path(loaded.model)}.{layer}" for layer in range(num_layers(loaded.model))]
+        for loaded in (source, target)
+    ]
+    recording = record_pair(
         source,
         target,
         texts,
+        names[0],
+        names[1],
         max_tokens=max_tokens,
         batch_size=batch_size,
         max_positions=max_positions,
         show_progress=show_progress,
     )
+    source_states = [recording.source[name]["input"] for name in names[0]]
+    target_states = [recording.target[name]["input"] for name in names[1]]
     similarity = cka_matrix(
         [standardise_streams(states) for states in source_states],
         [standardise_streams(states) for states in target_states],

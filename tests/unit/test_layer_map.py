@@ -38,7 +38,8 @@ def test_cka_of_unrelated_features_is_small():
     assert linear_cka(x, y) < 0.05
     # A feature set that shares half of its directions lies in between.
     partly = torch.cat([x[:, :2], y[:, :2]], dim=1)
-    assert 0.2 < linear_cka(x, partly) < 0.8
+    assert linear_cka(x, partly) > 0.2
+    assert linear_cka(x, partly) < 0.8
 
 
 def test_cka_of_constant_features_is_zero():
@@ -46,7 +47,7 @@ def test_cka_of_constant_features_is_zero():
     assert linear_cka(x, torch.ones(50, 2)) == 0.0
 
 
-def test_standardised_streams_ignore_one_huge_dimension():
+def test_standardised_ignores_huge_dimension():
     torch.manual_seed(0)
     x = torch.randn(500, 6)
     y = x @ torch.randn(6, 6) + 0.5 * torch.randn(500, 6)
@@ -98,7 +99,7 @@ def test_monotone_map_never_goes_back_in_depth():
         monotone_layer_map(torch.zeros(0, 3))
 
 
-def test_cka_map_of_model_to_itself_is_identity(tiny_source, tiny_corpus):
+def test_cka_map_self_is_identity(tiny_source, tiny_corpus):
     layer_map, similarity = cka_layer_map(
         tiny_source, tiny_source, tiny_corpus, max_positions=300, show_progress=False
     )
@@ -106,7 +107,7 @@ def test_cka_map_of_model_to_itself_is_identity(tiny_source, tiny_corpus):
     assert torch.allclose(similarity.diagonal(), torch.ones(len(layer_map), dtype=torch.float64))
 
 
-def test_cka_map_finds_layers_of_a_deeper_copy(byte_tokenizer, tiny_corpus):
+def test_cka_map_deeper_copy(byte_tokenizer, tiny_corpus):
     # Target layer 2l + 1 is a copy of source layer l, and every even target layer writes
     # nothing to the residual stream. So target layers 2l and 2l + 1 read the stream that
     # source layer l reads, and ties go to the earlier layer.
