@@ -58,6 +58,10 @@ them when missing) and adds, for the chosen task:
 - ``*-elicited-open``: as ``*-elicited-mixed``, but the prompt is the first token of each passage
   and the adapter samples the other 95 tokens, so the text is the adapter's own and not a
   continuation of a news article;
+- ``*-elicited-cosine``: as ``*-elicited-mixed``, with a learning rate that rises linearly over
+  the plan's ``warmup_steps`` and then falls along a half cosine to 0 at the last step, instead
+  of a constant one. Under the constant rate every held-out curve turns upward after 20 to 60
+  steps, and a decaying rate settles instead of wandering;
 - sentiment only, ``refined-heads-template`` and ``distilled-lora-template``: the same on
   general passages filled into the adapter's prompt template (``Tweet: {text}\\nSentiment:``),
   trained at its last position. This second setting uses the template, a small piece of task
@@ -167,13 +171,19 @@ class Plan:
     seed: int = 0
     amplification: float = 3.0
     wide_rank: int = 32
+    warmup_steps: int = 10
     top_p: float = 0.9
     temperature: float = 1.0
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(
-            general_positions=200, template_passages=24, steps=4, batch_size=2, n_validation=12
+            general_positions=200,
+            template_passages=24,
+            steps=4,
+            batch_size=2,
+            n_validation=12,
+            warmup_steps=1,
         )
 
 
@@ -249,6 +259,8 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         steps=plan.steps,
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
+        lr_schedule="cosine" if setting == "elicited-cosine" else "constant",
+        warmup_steps=plan.warmup_steps if setting == "elicited-cosine" else 0,
         max_grad_norm=plan.max_grad_norm,
         centre_shift=setting == "template-centred",
         kl_weight=0.0 if setting == "elicited-sequence" else 1.0,
@@ -326,6 +338,7 @@ SETTINGS = (
     "elicited-wide",
     "elicited-dense",
     "elicited-open",
+    "elicited-cosine",
     "template",
     "template-centred",
     "task-text",
@@ -340,6 +353,7 @@ SEQUENCE_SETTINGS = (
     "elicited-wide",
     "elicited-dense",
     "elicited-open",
+    "elicited-cosine",
 )
 # Settings trained on the span term.
 SPAN_SETTINGS = ("elicited-span", "elicited-mixed-span")
@@ -374,6 +388,8 @@ DATA = {
     "per text",
     "elicited-open": "as elicited-mixed, but the prompt is the first token of each passage only, "
     "so the adapter writes nearly the whole text",
+    "elicited-cosine": "as elicited-mixed; the learning rate warms up, then decays along a "
+    "cosine to 0 (warmup_steps in the plan)",
     "template": "general corpus text in the prompt template (no labels, no task examples)",
     "template-centred": "as template; the adapter's mean change over the filled templates is "
     "removed from the teacher",
@@ -898,6 +914,7 @@ SETTING_LABELS = {
     "elicited-wide": "elicited, KL + cross-entropy, wide student",
     "elicited-dense": "elicited, KL + cross-entropy on every sampled token",
     "elicited-open": "open prompt, KL + cross-entropy",
+    "elicited-cosine": "elicited, KL + cross-entropy, cosine schedule",
     "template": "template",
     "template-centred": "template, centred",
     "task-text": "task text (diagnostic)",

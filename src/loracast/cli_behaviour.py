@@ -107,6 +107,22 @@ def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: floa
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning-rate schedule: constant, or cosine (a linear warm-up, then a half cosine "
+        "down to 0 at the last step)",
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=0, help="warm-up steps of the cosine schedule"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW weight decay, which pulls the trained change toward zero",
+    )
+    parser.add_argument(
         "--max-grad-norm",
         type=float,
         default=None,
@@ -174,6 +190,9 @@ def _training_config(args, text: str):
         max_positions=args.max_positions,
         steps=args.steps,
         learning_rate=args.learning_rate,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
         centre_shift=getattr(args, "centre_shift", False),
         kl_weight=args.kl_weight,

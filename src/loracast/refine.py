@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -68,6 +69,7 @@ STUDENTS = ("heads", "lora")
 # Written beside the PEFT files of a distilled LoRA; PEFT ignores it.
 DISTILLATION_REPORT = "loracast_distillation.json"
 TEXTS = ("general", "template", "elicited")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -85,7 +87,13 @@ class RefineConfig:
         validation_fraction: share of the passages held out for early stopping and diagnostics.
         steps: optimiser steps.
         batch_size: passages per step.
-        learning_rate: AdamW learning rate of the trained low-rank matrices.
+        learning_rate: AdamW learning rate of the trained low-rank matrices (the peak one under
+            a schedule).
+        lr_schedule: ``constant``, or ``cosine``: the rate rises linearly over
+            ``warmup_steps``, then falls along a half cosine to 0 at the last step.
+        warmup_steps: steps of the linear rise of the ``cosine`` schedule.
+        weight_decay: AdamW weight decay. The trained matrices start at or near a zero change,
+            so decay pulls the student toward the target without the adapter.
         max_grad_norm: total L2 norm the gradient is clipped to before each step, or ``None``
             for no clipping.
         weight_positions: weight each position by KL(P_source+adapter ‖ P_source).
@@ -120,6 +128,9 @@ class RefineConfig:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
     max_grad_norm: float | None = None
     weight_positions: bool = True
     centre_shift: bool = False
@@ -162,6 +173,19 @@ class RefineConfig:
             )
         if not self.learning_rate > 0:
             errors.append(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            errors.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or not 0 <= self.warmup_steps < self.steps
+        ):
+            errors.append(
+                f"warmup_steps must be an integer from 0 to steps - 1 ({self.steps - 1}), "
+                f"got {self.warmup_steps!r}"
+            )
+        if not self.weight_decay >= 0:
+            errors.append(f"weight_decay must be non-negative, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             errors.append(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         weights = {
@@ -650,6 +674,16 @@ def _split(n_texts: int, config: RefineConfig) -> tuple[list[int], list[int]]:
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def learning_rate_factor(step: int, config: RefineConfig) -> float:
+    """Return the share of ``config.learning_rate`` used at optimiser step ``step`` (from 1)."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    if step <= config.warmup_steps:
+        return step / config.warmup_steps
+    done = (step - 1 - config.warmup_steps) / (config.steps - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def _train(student: _Student, teacher, shared, config, name, show_progress) -> RefineReport:
     """Train the student's parameters; restores the ones with the best held-out KL."""
     train, val = _split(len(teacher.texts), config)
@@ -676,7 +710,12 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
         return entry["loss"]
 
     best = (evaluate(0), [parameter.detach().clone() for parameter in student.parameters])
-    optimizer = torch.optim.AdamW(student.parameters, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        student.parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: learning_rate_factor(done + 1, config)
+    )
     rng = random.Random(config.seed + 1)
     for step in tqdm(range(1, config.steps + 1), desc="Refining", disable=not show_progress):
         batch = rng.sample(train, min(config.batch_size, len(train)))
@@ -695,9 +734,11 @@ def _train(student: _Student, teacher, shared, config, name, show_progress) -> R
         loss.backward()
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(student.parameters, config.max_grad_norm)
+        learning_rate = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        scheduler.step()
         if step % config.eval_every == 0 or step == config.steps:
-            held_out = evaluate(step, train_loss=loss.item())
+            held_out = evaluate(step, train_loss=loss.item(), learning_rate=learning_rate)
             if held_out < best[0]:
                 best = (held_out, [parameter.detach().clone() for parameter in student.parameters])
                 report.best_step = step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -425,6 +426,18 @@ def test_mixed_objective_variants():
     assert open_prompt.elicit.prefix_tokens == 1
     total = open_prompt.elicit.prefix_tokens + open_prompt.elicit.new_tokens
     assert total == mixed.elicit.prefix_tokens + mixed.elicit.new_tokens
+
+
+def test_cosine_setting_changes_only_the_schedule():
+    behaviour = _load_behaviour()
+    plan = behaviour.Plan(warmup_steps=7)
+    mixed = behaviour._refine_config("elicited-mixed", plan)
+    cosine = behaviour._refine_config("elicited-cosine", plan)
+    assert (mixed.lr_schedule, mixed.warmup_steps) == ("constant", 0)
+    assert (cosine.lr_schedule, cosine.warmup_steps) == ("cosine", 7)
+    assert replace(cosine, lr_schedule="constant", warmup_steps=0) == mixed
+    quick = behaviour.Plan.quick()
+    assert behaviour._refine_config("elicited-cosine", quick).warmup_steps < quick.steps
 
 
 def test_task_text_teacher_reads_training_pairs(monkeypatch):

@@ -264,14 +264,26 @@ def test_distil_writes_a_peft_lora_for_the_target(model_folders, capsys):
         "2",
         "--rank",
         "4",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "1",
+        "--weight-decay",
+        "0.01",
         "--device",
         "cpu",
     ]
     assert main(arguments) == 0
     assert "sampled-token cross-entropy" in capsys.readouterr().out
     record = json.loads((out / "loracast_distillation.json").read_text())
-    assert record["report"]["config"]["text"] == "elicited"
-    assert record["report"]["config"]["sequence_weight"] == 1.0
+    config = record["report"]["config"]
+    assert config["text"] == "elicited"
+    assert config["sequence_weight"] == 1.0
+    assert (config["lr_schedule"], config["warmup_steps"], config["weight_decay"]) == (
+        "cosine",
+        1,
+        0.01,
+    )
     target = AutoModelForCausalLM.from_pretrained(model_folders / "target")
     peft_model = PeftModel.from_pretrained(target, str(out))
     assert peft_model.peft_config["default"].r == 4

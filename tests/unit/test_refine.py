@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import PeftModel
@@ -14,6 +16,7 @@ from loracast.refine import (
     build_teacher,
     distil_lora,
     kernel_hooks,
+    learning_rate_factor,
     refine_cartridge,
 )
 from loracast.vocabulary import restricted_logits, shared_vocabulary
@@ -170,6 +173,70 @@ def test_refine_config_reports_every_error():
     assert "steps" in message
     assert "learning_rate" in message
     assert "max_grad_norm" in message
+
+
+def test_schedule_options_are_checked():
+    with pytest.raises(ValueError) as error:
+        RefineConfig(steps=10, lr_schedule="linear", warmup_steps=10, weight_decay=-0.1)
+    message = str(error.value)
+    assert "lr_schedule must be one of ('constant', 'cosine'), got 'linear'" in message
+    assert "warmup_steps must be an integer from 0 to steps - 1 (9), got 10" in message
+    assert "weight_decay must be non-negative, got -0.1" in message
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    config = RefineConfig(steps=10, lr_schedule="cosine", warmup_steps=3)
+    factors = [learning_rate_factor(step, config) for step in range(1, 11)]
+
+    assert factors[:4] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert all(later < earlier for earlier, later in zip(factors[3:], factors[4:]))
+    assert 0 < factors[-1] < 0.05
+    constant = RefineConfig(steps=10)
+    assert {learning_rate_factor(step, constant) for step in range(1, 11)} == {1.0}
+
+
+def test_refinement_follows_the_schedule(setup, tiny_source, tiny_target, tiny_corpus):
+    cartridge, adapter, shared = setup
+    config = RefineConfig(learning_rate=1e-2, lr_schedule="cosine", warmup_steps=4, **QUICK)
+    teacher = build_teacher(
+        tiny_source, tiny_target, adapter.kernels, tiny_corpus, shared, config, show_progress=False
+    )
+
+    _, report = refine_cartridge(
+        cartridge, tiny_target, teacher, shared, config, show_progress=False
+    )
+
+    used = {entry["step"]: entry["learning_rate"] for entry in report.history[1:]}
+    expected = {step: 1e-2 * learning_rate_factor(step, config) for step in (4, 8, 12)}
+    assert used == pytest.approx(expected)
+    assert used[12] < used[8] < used[4]
+    assert report.best["kl"] < report.initial["kl"]
+
+
+def test_weight_decay_shrinks_the_distilled_change(
+    tiny_target, metaspace_tokenizer, tiny_corpus, tmp_path
+):
+    source = LoadedModel(
+        model=build_tiny_gemma3(len(metaspace_tokenizer)).requires_grad_(False),
+        tokenizer=metaspace_tokenizer,
+        name="tiny-gemma3",
+    )
+    save_random_adapter(build_tiny_gemma3(len(metaspace_tokenizer)), tmp_path / "adapter")
+    kernels = load_adapter(tmp_path / "adapter").kernels
+    shared = shared_vocabulary(metaspace_tokenizer, metaspace_tokenizer)
+    config = RefineConfig(learning_rate=1e-2, lora_rank=4, **QUICK)
+    teacher = build_teacher(
+        source, tiny_target, kernels, tiny_corpus, shared, config, show_progress=False
+    )
+    norms = {}
+    for decay in (0.0, 20.0):
+        folder = tmp_path / f"decay-{decay}"
+        decayed = replace(config, weight_decay=decay)
+        distil_lora(tiny_target, teacher, shared, folder, decayed, show_progress=False)
+        change = load_adapter(folder).kernels.values()
+        norms[decay] = sum(float((kernel.B @ kernel.A).norm()) for kernel in change)
+
+    assert 0 < norms[20.0] < 0.5 * norms[0.0]
 
 
 def test_clipped_refinement_lowers_kl(setup, tiny_source, tiny_target, tiny_corpus):
