@@ -49,6 +49,8 @@ class BenchTask:
         metric: name of the score.
         higher_is_better: False for losses (bits per byte).
         splits: ``splits(seed, n_train, n_test)`` returning train and test examples.
+        validation: ``validation(seed, n_train, n_test)`` returning the validation examples of
+            the same draw, disjoint from both, for choosing settings without the test split.
         training_pairs: turns training examples into ``(prompt, completion)`` pairs.
         evaluate: ``evaluate(model, tokenizer, examples)`` returning ``Scores``.
         held_out_texts: the raw text of held-out examples, for the corpus overlap check.
@@ -58,6 +60,7 @@ class BenchTask:
     metric: str
     higher_is_better: bool
     splits: Callable
+    validation: Callable
     training_pairs: Callable
     evaluate: Callable
     held_out_texts: Callable
@@ -72,21 +75,37 @@ def _sentiment_splits(seed, n_train, n_test):
     return splits.train, splits.test
 
 
+def _sentiment_validation(seed, n_train, n_test):
+    return sentiment_splits(seed=seed, n_train=n_train, n_test=n_test).validation
+
+
 def _arithmetic_splits(seed, n_train, n_test):
     splits = arithmetic_splits(seed=seed, n_train=n_train, n_test=n_test)
     return splits.train, splits.test
+
+
+def _arithmetic_validation(seed, n_train, n_test):
+    return arithmetic_splits(seed=seed, n_train=n_train, n_test=n_test).validation
 
 
 # Short passages keep language-model training affordable on a CPU (see Settings in run.py).
 SHAKESPEARE_CHARS = (200, 500)
 
 
-def _shakespeare_splits(seed, n_train, n_test):
+def _shakespeare_draw(seed, n_train, n_test):
     min_chars, max_chars = SHAKESPEARE_CHARS
-    splits = shakespeare_splits(
+    return shakespeare_splits(
         seed=seed, n_train=n_train, n_test=n_test, min_chars=min_chars, max_chars=max_chars
     )
+
+
+def _shakespeare_splits(seed, n_train, n_test):
+    splits = _shakespeare_draw(seed, n_train, n_test)
     return splits.train, splits.test
+
+
+def _shakespeare_validation(seed, n_train, n_test):
+    return _shakespeare_draw(seed, n_train, n_test).validation
 
 
 def _evaluate_sentiment(model, tokenizer, examples) -> Scores:
@@ -118,6 +137,7 @@ TASKS = {
         metric="accuracy",
         higher_is_better=True,
         splits=_sentiment_splits,
+        validation=_sentiment_validation,
         training_pairs=sentiment_training_pairs,
         evaluate=_evaluate_sentiment,
         held_out_texts=lambda examples: [example.text for example in examples],
@@ -127,6 +147,7 @@ TASKS = {
         metric="exact match",
         higher_is_better=True,
         splits=_arithmetic_splits,
+        validation=_arithmetic_validation,
         training_pairs=arithmetic_training_pairs,
         evaluate=_evaluate_arithmetic,
         held_out_texts=lambda examples: [example.prompt for example in examples],
@@ -136,6 +157,7 @@ TASKS = {
         metric="bits per byte",
         higher_is_better=False,
         splits=_shakespeare_splits,
+        validation=_shakespeare_validation,
         training_pairs=shakespeare_training_pairs,
         evaluate=_evaluate_shakespeare,
         held_out_texts=lambda passages: list(passages),

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -267,6 +268,72 @@ def test_summary_chooses_by_held_out_kl():
     assert "| behaviour cosine, cartridge → general | 0.100 → 0.500 |" in table
 
 
+def test_summary_shows_the_validation_gain():
+    behaviour = _load_behaviour()
+    student = _student_row("distilled-lora-elicited-mixed", 0.55, 0.3)
+    student["validation_gain_recovered"] = 0.61
+    result = _result("a->b", "python benchmarks/behaviour.py")
+    result["runs"] = [student]
+
+    lines = behaviour._summary_lines([result])
+
+    assert (
+        "| elicited, KL + cross-entropy | 0.55 [0.45, 0.65] (distilled; validation 0.61) |" in lines
+    )
+
+
+def test_validation_gains_score_the_validation_split(monkeypatch):
+    behaviour = _load_behaviour()
+    from tasks import Scores
+
+    # Bits per byte of each model on each validation passage; lower is better.
+    bpb = {
+        "base": [2.0, 2.0],
+        "retrained": [1.0, 1.0],
+        "cartridge": [1.5, 1.9],
+        "student": [1.2, 1.2],
+    }
+    seen = []
+
+    def evaluate(model, tokenizer, examples):
+        seen.append(list(examples))
+        return Scores(values=np.array(bpb[model]), weights=np.array([1.0, 3.0]), correct=None)
+
+    task = replace(behaviour.TASKS["shakespeare"], evaluate=evaluate)
+    monkeypatch.setattr(
+        behaviour, "_with_adapter", lambda target, folder, function: function(folder)
+    )
+    monkeypatch.setattr(
+        behaviour, "_with_cartridge", lambda target, cartridge, function: function(cartridge)
+    )
+    target = type("Target", (), {"model": "base", "tokenizer": None})()
+    setup = behaviour.Setup(
+        source=None,
+        target=target,
+        passages=[],
+        held_out=[],
+        task=task,
+        test=["test passage"],
+        validation=["validation one", "validation two"],
+        source_adapter=Path("."),
+        retrained="retrained",
+        kernels={},
+        cartridge="cartridge",
+        cka_cartridge="cartridge",
+        shared=None,
+        task_texts=[],
+    )
+    students = {"distilled-lora-elicited-mixed": ("adapter", "student", None)}
+
+    gains = behaviour._validation_gains(setup, students)
+
+    assert all(examples == setup.validation for examples in seen)
+    # Weighted means: base 2.0, retrained 1.0, cartridge (1.5 + 3 * 1.9) / 4 = 1.8.
+    assert gains[behaviour.DEFAULT_BRIDGE] == pytest.approx(0.2)
+    assert gains["distilled-lora-elicited-mixed"] == pytest.approx(0.8)
+    assert set(gains) == {behaviour.DEFAULT_BRIDGE, behaviour.CKA_BRIDGE, *students}
+
+
 def test_every_setting_has_a_summary_label():
     behaviour = _load_behaviour()
     assert set(behaviour.SETTING_LABELS) == set(behaviour.SETTINGS)
@@ -468,6 +535,7 @@ def test_task_text_teacher_reads_training_pairs(monkeypatch):
         held_out=[],
         task=task,
         test=[],
+        validation=[],
         source_adapter=Path("."),
         retrained=Path("."),
         kernels={},
