@@ -172,6 +172,7 @@ class Plan:
     amplification: float = 3.0
     wide_rank: int = 32
     warmup_steps: int = 10
+    samples_per_prefix: int = 1
     top_p: float = 0.9
     temperature: float = 1.0
 
@@ -251,6 +252,7 @@ def _refine_config(setting: str, plan: Plan) -> RefineConfig:
         amplification=plan.amplification if setting == "elicited-amplified" else 1.0,
         top_p=plan.top_p if setting == "elicited-nucleus" else 1.0,
         temperature=plan.temperature if setting == "elicited-nucleus" else 1.0,
+        samples_per_prefix=plan.samples_per_prefix,
     )
     return RefineConfig(
         text=text,
@@ -1387,6 +1389,19 @@ def main(argv: list[str] | None = None) -> int:
         "(default 32)",
     )
     parser.add_argument(
+        "--samples-per-prefix",
+        type=int,
+        default=None,
+        help="continuations sampled from each corpus prefix for elicited text (default 1); more "
+        "than 1 gives more text than the corpus has passages",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="warm-up steps of the elicited-cosine schedule (default 10)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -1417,6 +1432,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.amplification = args.amplification
     if args.top_p is not None:
         plan.top_p = args.top_p
+    if args.warmup_steps is not None:
+        plan.warmup_steps = args.warmup_steps
+    if args.samples_per_prefix is not None:
+        plan.samples_per_prefix = args.samples_per_prefix
     if args.temperature is not None:
         plan.temperature = args.temperature
     if args.wide_rank is not None:

@@ -148,6 +148,13 @@ def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: floa
         "whose probabilities add up to this share (1 keeps every token)",
     )
     parser.add_argument(
+        "--samples-per-prefix",
+        type=int,
+        default=1,
+        help="for elicited text, continuations sampled from each corpus prefix; the corpus is "
+        "gone through once per sample until --max-positions are gathered",
+    )
+    parser.add_argument(
         "--amplification",
         type=float,
         default=1.0,
@@ -185,6 +192,7 @@ def _training_config(args, text: str):
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            samples_per_prefix=args.samples_per_prefix,
             amplification=args.amplification,
         ),
         max_positions=args.max_positions,

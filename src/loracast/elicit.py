@@ -40,6 +40,9 @@ class ElicitConfig:
             probabilities, after the temperature, add up to ``top_p``. 1.0 keeps every token.
         batch_size: prompts generated together.
         seed: seed of the sampling.
+        samples_per_prefix: continuations sampled from each prefix. The prefixes are gone
+            through once per sample, so the first pass is the same text as with 1, and a caller
+            that needs more text than one pass gives reads further passes.
         amplification: factor ``a`` on the adapter's change of the next-token logits. Tokens are
             sampled from ``base + a · (adapted − base)``: 1.0 samples the adapted model, and
             larger values push the text further toward what the adapter favours, at the cost of
@@ -52,11 +55,12 @@ class ElicitConfig:
     top_p: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    samples_per_prefix: int = 1
     amplification: float = 1.0
 
     def __post_init__(self) -> None:
         errors = []
-        for name in ("prefix_tokens", "new_tokens", "batch_size"):
+        for name in ("prefix_tokens", "new_tokens", "batch_size", "samples_per_prefix"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
@@ -153,6 +157,8 @@ def elicit_texts(
 ) -> Iterator[str]:
     """Yield, per passage, its first ``prefix_tokens`` tokens continued by sampling from ``model``.
 
+    With ``samples_per_prefix`` above 1 the passages are gone through that many times.
+
     Texts are generated a batch at a time, so a caller that stops iterating early pays only for
     what it read. A continuation stops at the end-of-sequence token. A passage whose prefix is
     empty is skipped.
@@ -178,18 +184,20 @@ def elicit_texts(
         )
     prompts = [truncate_text(tokenizer, passage, config.prefix_tokens) for passage in passages]
     prompts = [prompt for prompt in prompts if prompt.strip()]
+    # Each pass is batched on its own, so the first pass is the text that one sample gives.
+    starts = [
+        (start, min(start + config.batch_size, len(prompts)))
+        for _ in range(config.samples_per_prefix)
+        for start in range(0, len(prompts), config.batch_size)
+    ]
     pad_id = pad_token_id(tokenizer)
     stops = _stop_tokens(model, tokenizer)
     device = next(model.parameters()).device
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
     try:
-        for start in tqdm(
-            range(0, len(prompts), config.batch_size),
-            desc="Eliciting",
-            disable=not show_progress,
-        ):
-            batch = prompts[start : start + config.batch_size]
+        for start, end in tqdm(starts, desc="Eliciting", disable=not show_progress):
+            batch = prompts[start:end]
             ids, mask = pad_left([tokenizer(prompt)["input_ids"] for prompt in batch], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             processors = LogitsProcessorList()

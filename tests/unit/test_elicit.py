@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -59,6 +61,21 @@ def test_sampling_is_seeded(tiny_source, tiny_corpus):
     assert first != reseeded
 
 
+def test_further_samples_follow_the_first_pass(tiny_source, tiny_corpus):
+    passages = tiny_corpus[:4]
+    model, tokenizer = tiny_source.model, tiny_source.tokenizer
+    once = list(elicit_texts(model, tokenizer, passages, SMALL, show_progress=False))
+    twice = replace(SMALL, samples_per_prefix=2)
+
+    texts = list(elicit_texts(model, tokenizer, passages, twice, show_progress=False))
+
+    assert len(texts) == 2 * len(passages)
+    assert texts[: len(passages)] == once
+    for first, second in zip(once, texts[len(passages) :], strict=True):
+        assert first != second
+        assert first[:4] == second[:4]
+
+
 def test_adapter_changes_the_samples(setup, tiny_source, tiny_corpus):  # noqa: F811
     _, adapter, _ = setup
     plain = list(
@@ -96,6 +113,8 @@ def test_config_errors_name_the_value():
         ElicitConfig(new_tokens=0)
     with pytest.raises(ValueError, match="temperature must be positive"):
         ElicitConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="samples_per_prefix must be a positive integer, got 0"):
+        ElicitConfig(samples_per_prefix=0)
     assert RefineConfig(elicit={"prefix_tokens": 3}).elicit == ElicitConfig(prefix_tokens=3)
 
 
