@@ -507,6 +507,14 @@ def test_cosine_setting_changes_only_the_schedule():
     assert behaviour._refine_config("elicited-cosine", quick).warmup_steps < quick.steps
 
 
+def test_plan_sets_samples_per_prefix():
+    behaviour = _load_behaviour()
+    plan = behaviour.Plan(samples_per_prefix=3)
+    for setting in ("elicited", "elicited-mixed", "elicited-open"):
+        assert behaviour._refine_config(setting, plan).elicit.samples_per_prefix == 3
+    assert behaviour._refine_config("elicited", behaviour.Plan()).elicit.samples_per_prefix == 1
+
+
 def test_task_text_teacher_reads_training_pairs(monkeypatch):
     behaviour = _load_behaviour()
     from loracast.eval.arithmetic import arithmetic_splits
