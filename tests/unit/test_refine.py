@@ -133,10 +133,13 @@ def test_refined_heads_lower_kl_and_reload(setup, tiny_source, tiny_target, tiny
         assert torch.allclose(_logits(tiny_target), after, atol=1e-6)
 
 
-def test_distilled_lora_learns_representable_effect(
-    tiny_target, metaspace_tokenizer, tiny_corpus, tmp_path
-):
-    # The target is its own source here, so a rank-4 LoRA can represent the adapter's effect.
+@pytest.fixture()
+def self_distillation(tiny_target, metaspace_tokenizer, tiny_corpus, tmp_path):
+    """Return ``(config, teacher, shared)`` for a rank-4 student of a tiny Gemma-3.
+
+    The target's architecture and tokenizer are its source's here, so a rank-4 LoRA can
+    represent the adapter's effect.
+    """
     source = LoadedModel(
         model=build_tiny_gemma3(len(metaspace_tokenizer)).requires_grad_(False),
         tokenizer=metaspace_tokenizer,
@@ -149,6 +152,11 @@ def test_distilled_lora_learns_representable_effect(
     teacher = build_teacher(
         source, tiny_target, kernels, tiny_corpus, shared, config, show_progress=False
     )
+    return config, teacher, shared
+
+
+def test_distilled_lora_learns_representable_effect(tiny_target, self_distillation, tmp_path):
+    config, teacher, shared = self_distillation
     base = _logits(tiny_target)
     report = distil_lora(
         tiny_target, teacher, shared, tmp_path / "distilled", config, show_progress=False
@@ -213,21 +221,8 @@ def test_refinement_follows_the_schedule(setup, tiny_source, tiny_target, tiny_c
     assert report.best["kl"] < report.initial["kl"]
 
 
-def test_weight_decay_shrinks_the_distilled_change(
-    tiny_target, metaspace_tokenizer, tiny_corpus, tmp_path
-):
-    source = LoadedModel(
-        model=build_tiny_gemma3(len(metaspace_tokenizer)).requires_grad_(False),
-        tokenizer=metaspace_tokenizer,
-        name="tiny-gemma3",
-    )
-    save_random_adapter(build_tiny_gemma3(len(metaspace_tokenizer)), tmp_path / "adapter")
-    kernels = load_adapter(tmp_path / "adapter").kernels
-    shared = shared_vocabulary(metaspace_tokenizer, metaspace_tokenizer)
-    config = RefineConfig(learning_rate=1e-2, lora_rank=4, **QUICK)
-    teacher = build_teacher(
-        source, tiny_target, kernels, tiny_corpus, shared, config, show_progress=False
-    )
+def test_weight_decay_shrinks_the_distilled_change(tiny_target, self_distillation, tmp_path):
+    config, teacher, shared = self_distillation
     norms = {}
     for decay in (0.0, 20.0):
         folder = tmp_path / f"decay-{decay}"
