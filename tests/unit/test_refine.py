@@ -137,8 +137,7 @@ def test_refined_heads_lower_kl_and_reload(setup, tiny_source, tiny_target, tiny
 def self_distillation(tiny_target, metaspace_tokenizer, tiny_corpus, tmp_path):
     """Return ``(config, teacher, shared)`` for a rank-4 student of a tiny Gemma-3.
 
-    The target's architecture and tokenizer are its source's here, so a rank-4 LoRA can
-    represent the adapter's effect.
+    The target is its own source here, so a rank-4 LoRA can represent the adapter's effect.
     """
     source = LoadedModel(
         model=build_tiny_gemma3(len(metaspace_tokenizer)).requires_grad_(False),
