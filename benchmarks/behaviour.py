@@ -208,6 +208,13 @@ def _with_cartridge(loaded, cartridge, function):
         return function(loaded.model)
 
 
+def _with_student(loaded, student, function):
+    """Run ``function(model)`` with one trained student attached: a cartridge or an adapter."""
+    kind, artifact, _ = student
+    wrap = _with_cartridge if kind == "cartridge" else _with_adapter
+    return wrap(loaded, artifact, function)
+
+
 def _bits_per_byte(model, tokenizer, passages) -> float:
     return evaluate_language_modeling(
         model, tokenizer, passages, max_tokens=128, batch_size=2, show_progress=False
@@ -438,10 +445,9 @@ def _evaluate_all(setup, students, evaluate):
         DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, general),
         CKA_BRIDGE: _with_cartridge(target, setup.cka_cartridge, general),
     }
-    for method, (kind, artifact, _) in students.items():
-        wrap = _with_cartridge if kind == "cartridge" else _with_adapter
-        evaluations[method] = wrap(target, artifact, task)
-        bpb[method] = wrap(target, artifact, general)
+    for method, student in students.items():
+        evaluations[method] = _with_student(target, student, task)
+        bpb[method] = _with_student(target, student, general)
     return evaluations, bpb
 
 
@@ -677,9 +683,8 @@ def _validation_gains(setup: Setup, students: dict) -> dict[str, float]:
         DEFAULT_BRIDGE: _with_cartridge(target, setup.cartridge, scores),
         CKA_BRIDGE: _with_cartridge(target, setup.cka_cartridge, scores),
     }
-    for method, (kind, artifact, _) in students.items():
-        wrap = _with_cartridge if kind == "cartridge" else _with_adapter
-        evaluated[method] = wrap(target, artifact, scores)
+    for method, student in students.items():
+        evaluated[method] = _with_student(target, student, scores)
     return {
         method: gain_recovered(
             result.values,
@@ -968,8 +973,8 @@ def _setting_cell(result: dict, setting: str) -> str | None:
         return None
     kind = row["method"].split("-")[0]
     validation = row.get("validation_gain_recovered")
-    chosen_by = "" if validation is None else f"; validation {validation:.2f}"
-    details = f"{kind}{_positions_cell(row)}{chosen_by}{_seeds_cell(result['runs'], row)}"
+    validation_text = "" if validation is None else f"; validation {validation:.2f}"
+    details = f"{kind}{_positions_cell(row)}{validation_text}{_seeds_cell(result['runs'], row)}"
     return f"{_gain_cell(row)} ({details})"
 
 

@@ -151,8 +151,8 @@ def _add_training_options(parser: argparse.ArgumentParser, sequence_weight: floa
         "--samples-per-prefix",
         type=int,
         default=1,
-        help="for elicited text, continuations sampled from each corpus prefix; the corpus is "
-        "gone through once per sample until --max-positions are gathered",
+        help="for elicited text, continuations sampled from each corpus prefix. The corpus is "
+        "read once per sample until --max-positions are gathered",
     )
     parser.add_argument(
         "--amplification",

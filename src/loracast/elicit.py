@@ -40,9 +40,10 @@ class ElicitConfig:
             probabilities, after the temperature, add up to ``top_p``. 1.0 keeps every token.
         batch_size: prompts generated together.
         seed: seed of the sampling.
-        samples_per_prefix: continuations sampled from each prefix. The prefixes are gone
-            through once per sample, so the first pass is the same text as with 1, and a caller
-            that needs more text than one pass gives reads further passes.
+        samples_per_prefix: continuations sampled from each prefix. The prefixes are read once
+            per sample, one pass after another, so the first pass gives the same text as 1.
+            NOTE: refinement holds out whole texts, so above 1 a held-out text can share its
+            prefix with a training text.
         amplification: factor ``a`` on the adapter's change of the next-token logits. Tokens are
             sampled from ``base + a · (adapted − base)``: 1.0 samples the adapted model, and
             larger values push the text further toward what the adapter favours, at the cost of
@@ -157,7 +158,7 @@ def elicit_texts(
 ) -> Iterator[str]:
     """Yield, per passage, its first ``prefix_tokens`` tokens continued by sampling from ``model``.
 
-    With ``samples_per_prefix`` above 1 the passages are gone through that many times.
+    With ``samples_per_prefix`` above 1 the passages are read that many times.
 
     Texts are generated a batch at a time, so a caller that stops iterating early pays only for
     what it read. A continuation stops at the end-of-sequence token. A passage whose prefix is
@@ -185,7 +186,7 @@ def elicit_texts(
     prompts = [truncate_text(tokenizer, passage, config.prefix_tokens) for passage in passages]
     prompts = [prompt for prompt in prompts if prompt.strip()]
     # Each pass is batched on its own, so the first pass is the text that one sample gives.
-    starts = [
+    bounds = [
         (start, min(start + config.batch_size, len(prompts)))
         for _ in range(config.samples_per_prefix)
         for start in range(0, len(prompts), config.batch_size)
@@ -196,7 +197,7 @@ def elicit_texts(
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
     try:
-        for start, end in tqdm(starts, desc="Eliciting", disable=not show_progress):
+        for start, end in tqdm(bounds, desc="Eliciting", disable=not show_progress):
             batch = prompts[start:end]
             ids, mask = pad_left([tokenizer(prompt)["input_ids"] for prompt in batch], pad_id)
             ids, mask = ids.to(device), mask.to(device)
